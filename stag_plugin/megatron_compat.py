@@ -1,0 +1,150 @@
+"""The one place where stag_plugin meets version- or device-specific corners of Megatron-Core.
+
+Everything here exists because megatron-core (0.16.1 is the reference version; 0.17 - 0.19 are
+supported) assumes something that is not true on every machine, or changed its API between
+releases. Model code imports these names instead of reaching into Megatron for them, so a new
+Megatron release or a CPU-only machine means editing this file only.
+
+Contents:
+    import_megatron_core   import guard with a clear message when Transformer Engine is broken
+    require_optional       import guard for transformer_engine / apex / deepspeed features
+    RotaryEmbedding        Megatron's RotaryEmbedding that stays on the CPU when there is no GPU
+    apply_rope             Megatron's apply_rotary_pos_emb, behind one signature
+    model_parallel_rng     the model-parallel RNG fork on CUDA, a no-op on CPU
+    initialize_single_process   a world of one process (gloo) for notebooks, probes and tests
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+import torch
+
+_TE_BROKEN_HELP = (
+    "Megatron-Core could not be imported because Transformer Engine failed to load: {err}\n"
+    "Transformer Engine is installed but its CUDA libraries (cuDNN/cuBLAS) are missing, which is "
+    "the usual state on a machine without a GPU. megatron-core only tolerates an *absent* "
+    "Transformer Engine, not a broken one. Fix: uninstall it on CPU-only machines "
+    "(`pip uninstall -y transformer-engine transformer-engine-torch transformer-engine-cu12`), "
+    "or install the CUDA libraries it needs on GPU machines."
+)
+
+
+def import_megatron_core():
+    """Import megatron.core, turning Transformer Engine's load failure into an actionable error.
+
+    With transformer-engine installed on a machine without CUDA libraries, `import megatron.core`
+    raises RuntimeError/OSError from inside TE (megatron only catches ImportError).
+    """
+    try:
+        return importlib.import_module("megatron.core")
+    except ImportError as err:
+        if "megatron" in str(err):
+            raise ImportError(
+                "stag_plugin needs megatron-core >= 0.16.1: `pip install 'megatron-core>=0.16.1'`"
+            ) from err
+        raise
+    except (RuntimeError, OSError) as err:
+        raise ImportError(_TE_BROKEN_HELP.format(err=err)) from err
+
+
+_OPTIONAL = {
+    "transformer_engine": "pip install transformer-engine[pytorch] (needs CUDA and cuDNN)",
+    "apex": "build NVIDIA apex from source (https://github.com/NVIDIA/apex), needs CUDA",
+    "deepspeed": "pip install deepspeed",
+}
+
+
+def require_optional(module: str, feature: str):
+    """Import an optional dependency or raise ImportError naming the feature that needs it."""
+    if module not in _OPTIONAL:
+        raise KeyError(f"unknown optional dependency {module!r}; known: {sorted(_OPTIONAL)}")
+    try:
+        return importlib.import_module(module)
+    except Exception as err:  # TE raises RuntimeError/OSError when its CUDA libraries are missing
+        raise ImportError(
+            f"{feature} needs the optional dependency '{module}', which could not be imported "
+            f"({type(err).__name__}: {err}). Install it with: {_OPTIONAL[module]}"
+        ) from err
+
+
+import_megatron_core()
+
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
+from megatron.core.models.common.embeddings.rotary_pos_embedding import (  # noqa: E402
+    RotaryEmbedding as _MegatronRotaryEmbedding,
+)
+
+
+class RotaryEmbedding(_MegatronRotaryEmbedding):
+    """Megatron's RotaryEmbedding, usable on machines without CUDA.
+
+    megatron-core 0.16 `RotaryEmbedding.get_emb` moves `inv_freq` to
+    `torch.cuda.current_device()` whenever it sits on the CPU. With CUDA present we keep that
+    behaviour; without it the same frequencies are computed on the CPU.
+    """
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        if torch.cuda.is_available():
+            return super().get_emb(max_seq_len, offset)
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # [s, dim/2]
+        if self.rotary_interleaved:
+            emb = torch.stack((freqs, freqs), dim=-1).view(freqs.shape[0], -1)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return emb[:, None, None, :]  # [s, 1, 1, dim]
+
+
+def rotary_embedding(config) -> RotaryEmbedding:
+    """The RoPE module for a StagFormerConfig (self- and cross-attention use the same one)."""
+    return RotaryEmbedding(
+        kv_channels=config.kv_channels,
+        rotary_percent=config.rotary_percent,
+        rotary_interleaved=config.rotary_interleaved,
+        rotary_base=config.rotary_base,
+        use_cpu_initialization=config.use_cpu_initialization or not torch.cuda.is_available(),
+    )
+
+
+def apply_rope(t: torch.Tensor, freqs: torch.Tensor, config) -> torch.Tensor:
+    """Rotate `t` [s, b, heads, d] by `freqs` [s, 1, 1, d_rot] (Megatron's bshd path)."""
+    return rope_utils.apply_rotary_pos_emb(t, freqs, config=config)
+
+
+def model_parallel_rng():
+    """Context for dropout that must differ across tensor-parallel ranks.
+
+    On CUDA this is Megatron's model-parallel RNG tracker; the CPU build has no such tracker
+    (it stores CUDA RNG states), so there the default generator is used.
+    """
+    if torch.cuda.is_available():
+        return tensor_parallel.get_cuda_rng_tracker().fork()
+    return contextlib.nullcontext()
+
+
+def initialize_single_process(tensor_model_parallel_size: int = 1) -> None:
+    """Set up torch.distributed (gloo, world size 1) and Megatron's parallel state.
+
+    For notebooks, scripts and tests that run one process. Multi-process jobs initialise
+    torch.distributed themselves (torchrun) and call `parallel_state.initialize_model_parallel`.
+    """
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
