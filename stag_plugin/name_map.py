@@ -1,0 +1,204 @@
+"""Name map between StagGPTModel state dicts (tensor-parallel size 1) and the reference model.
+
+Declarative: one table per level, `{k}` = section index, `{i}` = layer index within the section.
+
+    Megatron (StagGPTModel)                            reference (stag_plugin.reference)
+    embedding.word_embeddings.weight                   tok_emb.weight
+    embedding.position_embeddings.weight               pos_emb.weight        (learned_absolute)
+    null_memory                                        null_memory           (p > 1)
+    combination_weights                                alpha                 ("learned")
+    output_layer.weight                                lm_head.weight        (untied head)
+    sections.{k}.final_layernorm.*                     stacks.{k'}.ln_out.*
+    sections.{k}.layers.{i}.input_layernorm.*          stacks.{k'}.blocks.{i}.ln_self.*
+      .self_attention.linear_qkv.*                       .self_attn.{q,k,v}.*  (split per group)
+      .self_attention.linear_proj.*                      .self_attn.o.*
+      .pre_cross_attn_layernorm.*                        .ln_cross.*
+      .cross_attention.linear_q.*                        .cross_attn.q.*
+      .cross_attention.linear_kv.*                       .cross_attn.{k,v}.*   (split per group)
+      .cross_attention.linear_proj.*                     .cross_attn.o.*
+      .pre_mlp_layernorm.*                               .ln_mlp.*
+      .mlp.linear_fc1.*                                  .mlp.up.*  or  .mlp.{gate,up}.* (GLU)
+      .mlp.linear_fc2.*                                  .mlp.down.*
+
+k' = k for separate weights. With shared weights the reference has one stack (k' = 0): it takes
+the self-attention/MLP/norm weights from Megatron section 0 and the cross-attention from
+section 1; Megatron's other copies are aliases, checked equal and not stored twice.
+Megatron's fused layouts: linear_qkv rows are grouped per key/value group as
+[q heads of the group | k | v]; linear_kv rows as [k | v] per group; linear_fc1 as [gate | up].
+`_extra_state` entries (always None for the local backend) carry no weights and are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+MODEL_KEYS = {
+    "embedding.word_embeddings.weight": "tok_emb.weight",
+    "embedding.position_embeddings.weight": "pos_emb.weight",
+    "null_memory": "null_memory",
+    "combination_weights": "alpha",
+    "output_layer.weight": "lm_head.weight",
+}
+SECTION_KEYS = {"final_layernorm": "ln_out"}
+LAYER_MODULES = {
+    "input_layernorm": "ln_self",
+    "self_attention.linear_qkv": ("self_attn.q", "self_attn.k", "self_attn.v"),
+    "self_attention.linear_proj": "self_attn.o",
+    "pre_cross_attn_layernorm": "ln_cross",
+    "cross_attention.linear_q": "cross_attn.q",
+    "cross_attention.linear_kv": ("cross_attn.k", "cross_attn.v"),
+    "cross_attention.linear_proj": "cross_attn.o",
+    "pre_mlp_layernorm": "ln_mlp",
+    "mlp.linear_fc1": "mlp.up",  # ("mlp.gate", "mlp.up") for a gated linear unit
+    "mlp.linear_fc2": "mlp.down",
+}
+CROSS_MODULES = ("pre_cross_attn_layernorm", "cross_attention.")
+_LAYER_RE = re.compile(r"^sections\.(\d+)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_SECTION_RE = re.compile(r"^sections\.(\d+)\.(final_layernorm)\.(weight|bias)$")
+
+
+# ----------------------------------------------------------------- fused-layout transforms
+
+def split_groups(fused: torch.Tensor, groups: int, sizes: List[int]) -> List[torch.Tensor]:
+    """Rows grouped as groups x [part_0 | part_1 | ...] -> one tensor per part, groups kept."""
+    per_group = fused.reshape(groups, sum(sizes), *fused.shape[1:])
+    parts = torch.split(per_group, sizes, dim=1)
+    return [p.reshape(groups * size, *fused.shape[1:]) for p, size in zip(parts, sizes)]
+
+
+def join_groups(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
+    """Inverse of split_groups."""
+    per_group = [p.reshape(groups, -1, *p.shape[1:]) for p in parts]
+    joined = torch.cat(per_group, dim=1)
+    return joined.reshape(-1, *parts[0].shape[1:])
+
+
+def _layouts(cfg) -> Dict[str, Tuple[int, List[int]]]:
+    """Megatron module -> (groups, row sizes per group) of its fused layout."""
+    d, groups = cfg.head_dim, cfg.num_query_groups
+    heads_per_group = cfg.num_attention_heads // groups
+    layouts = {
+        "self_attention.linear_qkv": (groups, [heads_per_group * d, d, d]),
+        "cross_attention.linear_kv": (groups, [d, d]),
+    }
+    if cfg.gated_linear_unit:
+        layouts["mlp.linear_fc1"] = (1, [cfg.ffn_hidden_size, cfg.ffn_hidden_size])
+    return layouts
+
+
+def _reference_modules(cfg, module: str):
+    if module == "mlp.linear_fc1" and cfg.gated_linear_unit:
+        return ("mlp.gate", "mlp.up")
+    return LAYER_MODULES[module]
+
+
+# ----------------------------------------------------------------- key bookkeeping
+
+def _stack(cfg, section: int) -> int:
+    return 0 if cfg.weight_sharing == "shared" else section
+
+
+def _is_alias(cfg, section: int, module: str) -> bool:
+    """With shared weights, only section 0 (layers) and section 1 (cross-attention) own weights."""
+    if cfg.weight_sharing != "shared":
+        return False
+    owner = 1 if module.startswith(CROSS_MODULES) else 0
+    return section != owner
+
+
+def _owner_key(cfg, key: str) -> str:
+    match = _LAYER_RE.match(key)
+    if match:
+        owner = 1 if match.group(3).startswith(CROSS_MODULES) else 0
+        return f"sections.{owner}.layers.{match.group(2)}.{match.group(3)}.{match.group(4)}"
+    match = _SECTION_RE.match(key)
+    return f"sections.0.{match.group(2)}.{match.group(3)}"
+
+
+def reference_names(cfg, key: str) -> Tuple[List[str], Optional[Tuple[int, List[int]]]]:
+    """Reference keys holding Megatron `key` (an owner key, not an alias), and the fused layout
+    (groups, row sizes) when one Megatron tensor splits into several reference tensors."""
+    if key in MODEL_KEYS:
+        return [MODEL_KEYS[key]], None
+    section, layer = _SECTION_RE.match(key), _LAYER_RE.match(key)
+    if section:
+        k = int(section.group(1))
+        return [f"stacks.{_stack(cfg, k)}.{SECTION_KEYS[section.group(2)]}.{section.group(3)}"], None
+    if not layer or layer.group(3) not in LAYER_MODULES:
+        raise KeyError(f"no reference name for Megatron key {key!r}")
+    k, i, module, param = int(layer.group(1)), layer.group(2), layer.group(3), layer.group(4)
+    prefix = f"stacks.{_stack(cfg, k)}.blocks.{i}."
+    targets = _reference_modules(cfg, module)
+    if isinstance(targets, str):
+        return [f"{prefix}{targets}.{param}"], None
+    return [f"{prefix}{target}.{param}" for target in targets], _layouts(cfg)[module]
+
+
+def _alias_owner(cfg, key: str) -> Optional[str]:
+    """The owner key when `key` is a shared-weights alias, else None."""
+    section, layer = _SECTION_RE.match(key), _LAYER_RE.match(key)
+    if section and _is_alias(cfg, int(section.group(1)), section.group(2)):
+        return _owner_key(cfg, key)
+    if layer and _is_alias(cfg, int(layer.group(1)), layer.group(3)):
+        return _owner_key(cfg, key)
+    return None
+
+
+def megatron_to_reference(state_dict: Dict[str, torch.Tensor], cfg) -> Dict[str, torch.Tensor]:
+    """StagGPTModel state dict (TP=1) -> reference StagFormer state dict, with hard checks."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith("_extra_state"):
+            continue
+        owner = _alias_owner(cfg, key)
+        if owner is not None:
+            _check_alias(key, value, owner, state_dict)
+            continue
+        names, layout = reference_names(cfg, key)
+        parts = [value] if layout is None else split_groups(value, *layout)
+        for name, part in zip(names, parts):
+            if name in out:
+                raise ValueError(f"reference key {name!r} produced twice (from {key!r})")
+            out[name] = part
+    check_against_reference(out, cfg)
+    return out
+
+
+def _check_alias(key, value, owner_key, state_dict):
+    owner = state_dict.get(owner_key)
+    if owner is None or owner.shape != value.shape or not torch.equal(owner, value):
+        raise ValueError(f"shared-weights checkpoint: {key!r} should equal {owner_key!r}")
+
+
+def reference_to_megatron(state_dict: Dict[str, torch.Tensor], cfg,
+                          megatron_keys: List[str]) -> Dict[str, torch.Tensor]:
+    """Reference state dict -> a value for every key in `megatron_keys` (aliases included)."""
+    check_against_reference(state_dict, cfg)
+    out: Dict[str, torch.Tensor] = {}
+    for key in megatron_keys:
+        if key.endswith("_extra_state"):
+            continue
+        names, layout = reference_names(cfg, _alias_owner(cfg, key) or key)
+        parts = [state_dict[name] for name in names]
+        out[key] = parts[0] if layout is None else join_groups(parts, layout[0])
+    return out
+
+
+def check_against_reference(state_dict: Dict[str, torch.Tensor], cfg) -> None:
+    """Every key of the reference model present exactly once, with its shape; nothing extra."""
+    from stag_plugin.reference import StagFormer
+
+    with torch.device("meta"):
+        expected = StagFormer(cfg).state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise KeyError(f"state dict does not match the reference model: missing {missing[:5]}"
+                       f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}")
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{key}: shape {tuple(state_dict[key].shape)}, "
+                             f"expected {tuple(tensor.shape)}")
