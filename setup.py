@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="stag_plugin",
+    version="0.1.0",
+    description="StagFormer (time-staggered decoder-only transformers) for Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["stag_plugin", "stag_plugin.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch: install the build for your machine first (CPU here: `pip install torch==2.13.0`);
+        # this range never pulls a new torch when a suitable one is present.
+        "torch>=2.6",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "einops",
+        "sentencepiece",
+        "safetensors",
+        "psutil",  # megatron's checkpoint saver imports it without declaring it
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        # Optional accelerators; each feature that needs one says so when it is missing.
+        # apex is not on PyPI: build it from https://github.com/NVIDIA/apex on CUDA machines.
+        "te": ["transformer-engine[pytorch]"],
+        "deepspeed": ["deepspeed"],
+    },
+)

@@ -1,0 +1,59 @@
+"""Shared helpers for the test suite: tiny configs, weight perturbation, random inputs."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from stag_plugin import StagFormerConfig, StagGPTModel
+
+VOCAB = 96  # divisible by 2 (tensor-parallel tests)
+MAX_LEN = 64
+
+
+def tiny_config(**overrides) -> StagFormerConfig:
+    """2 layers per section, hidden 64, 4 heads: Megatron's unit-test scale."""
+    sections = overrides.get("num_sections", 2)
+    settings = dict(
+        num_layers=2 * sections, hidden_size=64, num_attention_heads=4, num_sections=sections,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+    )
+    settings.update(overrides)
+    if settings.get("gated_linear_unit"):
+        settings.setdefault("activation_func", F.silu)
+    return StagFormerConfig(**settings)
+
+
+def build_model(config: StagFormerConfig, perturb: float = 0.05, seed: int = 0,
+                **kwargs) -> StagGPTModel:
+    """A model in eval mode whose every parameter (null memory, biases, norms too) is random."""
+    torch.manual_seed(seed)
+    model = StagGPTModel(config, vocab_size=VOCAB, max_sequence_length=MAX_LEN, **kwargs)
+    perturb_parameters(model, perturb, seed)
+    return model.eval()
+
+
+def perturb_parameters(model: torch.nn.Module, scale: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def fresh_seed() -> int:
+    """A new seed per call, so parity tests see fresh random inputs (printed on failure)."""
+    return random.SystemRandom().randrange(2**31)
+
+
+def random_tokens(batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (batch, seq_len), generator=generator)
+    positions = torch.arange(seq_len).unsqueeze(0).expand(batch, seq_len)
+    return tokens, positions
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Unique parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in module.parameters())
