@@ -1,0 +1,74 @@
+"""Import guards: the reference needs no Megatron; a broken Transformer Engine gets a clear
+message instead of a traceback from inside Megatron; optional dependencies name the feature."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from stag_plugin import megatron_compat
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, extra_path: str = "") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (extra_path, REPO) if p))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_reference_imports_without_megatron():
+    result = run_python("""
+        import sys
+        sys.modules["megatron"] = None  # any import of megatron now fails
+        import stag_plugin
+        from stag_plugin.reference import StagFormer, ReferenceConfig
+        import torch
+        cfg = ReferenceConfig(vocab_size=32, max_sequence_length=16, num_layers=2, hidden_size=16,
+                              num_attention_heads=2, num_query_groups=2, ffn_hidden_size=32,
+                              head_dim=8)
+        print(StagFormer(cfg)(torch.zeros(1, 5, dtype=torch.long)).shape)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1, 5, 32])" in result.stdout
+
+
+def test_broken_transformer_engine_gets_a_clear_message(tmp_path):
+    fake = tmp_path / "transformer_engine"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        'raise RuntimeError("libcudnn.so.9: cannot open shared object file")\n')
+    result = run_python("import stag_plugin.model", extra_path=str(tmp_path))
+    assert result.returncode != 0
+    final_error = result.stderr[result.stderr.rindex("\nImportError: "):]  # what the user reads
+    assert final_error.startswith("\nImportError: Megatron-Core could not be imported because "
+                                  "Transformer Engine failed to load: libcudnn"), result.stderr
+    assert "pip uninstall" in final_error
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None,
+                    reason="deepspeed is installed here")
+def test_missing_optional_dependency_names_feature_and_install():
+    with pytest.raises(ImportError, match=r"ZeRO training needs the optional dependency "
+                                          r"'deepspeed'.*pip install deepspeed"):
+        megatron_compat.require_optional("deepspeed", "ZeRO training")
+
+
+def test_unknown_optional_dependency_is_a_programming_error():
+    with pytest.raises(KeyError):
+        megatron_compat.require_optional("flash_attn_9", "nothing")
+
+
+def test_cpu_rotary_embedding_matches_formula():
+    import torch
+    from stag_testing import tiny_config
+
+    rope = megatron_compat.rotary_embedding(tiny_config())
+    emb = rope(6, offset=2)  # [s, 1, 1, d]
+    dim = emb.shape[-1]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    freqs = torch.outer(torch.arange(2, 8).float(), inv_freq)
+    torch.testing.assert_close(emb[:, 0, 0], torch.cat([freqs, freqs], dim=-1))
