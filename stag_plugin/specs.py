@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stag_plugin.attention import SDPAttention, StagCrossAttention
+from stag_plugin.megatron_compat import require_optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider  # noqa: E402
@@ -55,6 +56,10 @@ def get_backend(name: str = "local") -> BackendSpecProvider:
     """The backend that fills the layer slots. Only "local" exists so far."""
     if name == "local":
         return StagLocalSpecProvider()
+    if name == "transformer_engine":
+        require_optional("transformer_engine", "the Transformer Engine backend")
+        raise NotImplementedError("the Transformer Engine backend (FP8 cross-attention) is not "
+                                  "implemented yet; use backend='local'")
     raise ValueError(f"unknown StagFormer backend {name!r}; available: {BACKENDS}")
 
 

@@ -72,3 +72,14 @@ def test_cpu_rotary_embedding_matches_formula():
     inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
     freqs = torch.outer(torch.arange(2, 8).float(), inv_freq)
     torch.testing.assert_close(emb[:, 0, 0], torch.cat([freqs, freqs], dim=-1))
+
+
+def test_backend_choice():
+    from stag_plugin.specs import get_backend
+
+    with pytest.raises(ValueError, match="unknown StagFormer backend 'triton'"):
+        get_backend("triton")
+    expected = ImportError if importlib.util.find_spec("transformer_engine") is None \
+        else NotImplementedError
+    with pytest.raises(expected, match="Transformer Engine backend"):
+        get_backend("transformer_engine")
