@@ -133,7 +133,7 @@ def initialize_single_process(tensor_model_parallel_size: int = 1) -> None:
     """
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend=backend, rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
@@ -142,7 +142,8 @@ def initialize_single_process(tensor_model_parallel_size: int = 1) -> None:
         )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (for MASTER_PORT)."""
     import socket
 
     with socket.socket() as sock:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from stag_plugin.megatron_compat import free_port
 
 
 def _entry(rank, fn, world_size, port, tensor_parallel, args):
