@@ -58,6 +58,7 @@ LAYER_MODULES = {
 CROSS_MODULES = ("pre_cross_attn_layernorm", "cross_attention.")
 _LAYER_RE = re.compile(r"^sections\.(\d+)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _SECTION_RE = re.compile(r"^sections\.(\d+)\.(final_layernorm)\.(weight|bias)$")
+_SECTION_PREFIX_RE = re.compile(r"^sections\.(\d+)\.")
 
 
 # ----------------------------------------------------------------- fused-layout transforms
@@ -101,21 +102,16 @@ def _stack(cfg, section: int) -> int:
     return 0 if cfg.weight_sharing == "shared" else section
 
 
-def _is_alias(cfg, section: int, module: str) -> bool:
-    """With shared weights, only section 0 (layers) and section 1 (cross-attention) own weights."""
-    if cfg.weight_sharing != "shared":
-        return False
+def _alias_owner(cfg, key: str) -> Optional[str]:
+    """With shared weights, the owner of an aliased key (section 0 owns the layers and norms,
+    section 1 the cross-attention); None for keys that own their tensor."""
+    match = _SECTION_PREFIX_RE.match(key)
+    if cfg.weight_sharing != "shared" or match is None:
+        return None
+    rest = key[match.end():]  # "layers.{i}.<module>.<param>" or "final_layernorm.<param>"
+    module = rest.split(".", 2)[2] if rest.startswith("layers.") else rest
     owner = 1 if module.startswith(CROSS_MODULES) else 0
-    return section != owner
-
-
-def _owner_key(cfg, key: str) -> str:
-    match = _LAYER_RE.match(key)
-    if match:
-        owner = 1 if match.group(3).startswith(CROSS_MODULES) else 0
-        return f"sections.{owner}.layers.{match.group(2)}.{match.group(3)}.{match.group(4)}"
-    match = _SECTION_RE.match(key)
-    return f"sections.0.{match.group(2)}.{match.group(3)}"
+    return None if int(match.group(1)) == owner else f"sections.{owner}.{rest}"
 
 
 def reference_names(cfg, key: str) -> Tuple[List[str], Optional[Tuple[int, List[int]]]]:
@@ -135,16 +131,6 @@ def reference_names(cfg, key: str) -> Tuple[List[str], Optional[Tuple[int, List[
     if isinstance(targets, str):
         return [f"{prefix}{targets}.{param}"], None
     return [f"{prefix}{target}.{param}" for target in targets], _layouts(cfg)[module]
-
-
-def _alias_owner(cfg, key: str) -> Optional[str]:
-    """The owner key when `key` is a shared-weights alias, else None."""
-    section, layer = _SECTION_RE.match(key), _LAYER_RE.match(key)
-    if section and _is_alias(cfg, int(section.group(1)), section.group(2)):
-        return _owner_key(cfg, key)
-    if layer and _is_alias(cfg, int(layer.group(1)), layer.group(3)):
-        return _owner_key(cfg, key)
-    return None
 
 
 def megatron_to_reference(state_dict: Dict[str, torch.Tensor], cfg) -> Dict[str, torch.Tensor]:
