@@ -57,3 +57,8 @@ def random_tokens(batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, to
 def parameter_count(module: torch.nn.Module) -> int:
     """Unique parameters (shared tensors counted once)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def variant_id(variant: dict) -> str:
+    """Readable pytest id for a dict of config overrides."""
+    return "-".join(f"{k}={val}" for k, val in variant.items())

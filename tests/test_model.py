@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from stag_plugin import StagGPTModel, get_stag_layer_spec
 from stag_testing import (VOCAB, build_model, fresh_seed, parameter_count, random_tokens,
-                          tiny_config)
+                          tiny_config, variant_id)
 
 VARIANTS = [
     dict(num_sections=1),
@@ -21,10 +21,6 @@ VARIANTS = [
     dict(num_sections=2, num_query_groups=2, cross_attention_rope=False,
          position_embedding_type="learned_absolute"),
 ]
-
-
-def variant_id(v):
-    return "-".join(f"{k}={val}" for k, val in v.items())
 
 
 def test_forward_shapes_and_per_token_loss():

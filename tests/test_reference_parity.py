@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from stag_plugin.name_map import megatron_to_reference, reference_to_megatron
 from stag_plugin.reference import ReferenceConfig, StagFormer
-from stag_testing import MAX_LEN, VOCAB, build_model, fresh_seed, random_tokens, tiny_config
+from stag_testing import (MAX_LEN, VOCAB, build_model, fresh_seed, random_tokens, tiny_config,
+                          variant_id)
 
 GRID = [
     dict(num_sections=p, weight_sharing=w, cross_attention_window=win, output_combination=c)
@@ -33,10 +34,6 @@ def reference_for(model):
     reference = StagFormer(cfg).eval()
     reference.load_state_dict(megatron_to_reference(model.state_dict(), cfg))
     return reference, cfg
-
-
-def variant_id(v):
-    return "-".join(f"{k}={val}" for k, val in v.items())
 
 
 @pytest.mark.parametrize("variant", GRID + EXTRA, ids=variant_id)

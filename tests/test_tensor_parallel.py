@@ -15,11 +15,15 @@ VARIANTS = [
 ]
 
 
-def shard(name: str, full: torch.Tensor, param: torch.Tensor, rank: int, gated: bool):
-    """This rank's slice of a full (TP = 1) tensor, following Megatron's partition attributes."""
-    if not getattr(param, "tensor_model_parallel", False):
+def partition_dim(param):
+    """The dimension Megatron splits a tensor-parallel parameter along, None if replicated."""
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def shard(name: str, full: torch.Tensor, dim, rank: int, gated: bool):
+    """This rank's slice of a full (TP = 1) tensor split along `dim` (None: replicated)."""
+    if dim is None:
         return full
-    dim = param.partition_dim
     if gated and ".mlp.linear_fc1." in name:  # rows are [gate | up]; each rank holds both halves
         return torch.cat([half.chunk(TP, dim)[rank] for half in full.chunk(2, dim)], dim)
     return full.chunk(TP, dim)[rank]
@@ -35,7 +39,8 @@ def tp_worker(rank, overrides, inputs_path, out_dir):
     model = StagGPTModel(config, vocab_size=VOCAB, max_sequence_length=MAX_LEN)
     with torch.no_grad():
         for name, param in model.named_parameters(remove_duplicate=False):
-            param.copy_(shard(name, inputs["state"][name], param, rank, config.gated_linear_unit))
+            param.copy_(shard(name, inputs["state"][name], partition_dim(param), rank,
+                              config.gated_linear_unit))
     tokens, positions = inputs["tokens"], inputs["positions"]
     logits = model(tokens, positions)  # [b, s, vocab / tp]
     group = parallel_state.get_tensor_model_parallel_group()
@@ -44,7 +49,8 @@ def tp_worker(rank, overrides, inputs_path, out_dir):
     loss = model(tokens, positions, labels=tokens)
     loss.sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    torch.save(dict(logits=torch.cat(pieces, dim=-1), loss=loss.detach(), grads=grads),
+    dims = {n: partition_dim(p) for n, p in model.named_parameters()}
+    torch.save(dict(logits=torch.cat(pieces, dim=-1), loss=loss.detach(), grads=grads, dims=dims),
                f"{out_dir}/rank{rank}.pt")
 
 
@@ -72,16 +78,6 @@ def test_tp2_matches_tp1(overrides, tmp_path):
         assert result["grads"].keys() == full_params.keys()
         for name, grad in result["grads"].items():
             param = full_params[name]
-            expected = shard(name, param.grad, _partition_like(grad, param), rank, gated)
+            expected = shard(name, param.grad, result["dims"][name], rank, gated)
             assert (grad - expected).abs().max().item() < 1e-4, f"{msg}: grad of {name}"
 
-
-def _partition_like(local_grad, full_param):
-    """A stand-in carrying the partition attributes a TP=2 parameter would have."""
-    class P:
-        pass
-    p = P()
-    differing = [d for d in range(local_grad.dim()) if local_grad.shape[d] != full_param.shape[d]]
-    p.tensor_model_parallel = bool(differing)
-    p.partition_dim = differing[0] if differing else -1
-    return p
