@@ -18,7 +18,11 @@ setup(
         "sentencepiece",
         "safetensors",
         "psutil",  # megatron's checkpoint saver imports it without declaring it
+        "tqdm",
+        "pyyaml",
+        "matplotlib",  # the demo's loss-curve PNG
     ],
+    entry_points={"console_scripts": ["stag=stag_plugin.cli:main"]},
     extras_require={
         "test": ["pytest>=7"],
         # Optional accelerators; each feature that needs one says so when it is missing.

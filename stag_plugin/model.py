@@ -198,6 +198,30 @@ class StagGPTModel(LanguageModule):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         return drop_shared_duplicates(state)
 
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """torch's load_state_dict, accepting a shared weight under its first owner's key only.
+
+        `sharded_state_dict()` saves each shared tensor once, so a loaded checkpoint lacks the
+        other sections' aliases; they are filled in from the owner (same tensor object).
+        """
+        return super().load_state_dict(self._with_shared_aliases(state_dict), strict)
+
+    def _with_shared_aliases(self, state_dict):
+        owners = {}  # id(tensor) -> a key present in state_dict
+        aliases = []  # (missing key, tensor id)
+        for key, tensor in self.state_dict(keep_vars=True).items():
+            if not isinstance(tensor, Tensor):
+                continue
+            if key in state_dict:
+                owners.setdefault(id(tensor), key)
+            else:
+                aliases.append((key, id(tensor)))
+        filled = dict(state_dict)
+        for key, tensor_id in aliases:
+            if tensor_id in owners:
+                filled[key] = state_dict[owners[tensor_id]]
+        return filled
+
 
 def share_section_weights(sections: torch.nn.ModuleList) -> None:
     """Make every section use section 1's layer weights and section 2's cross-attention.
