@@ -1,11 +1,12 @@
-# One entry point for a fresh machine: `make test` builds .venv, installs torch (the CPU build
-# 2.13.0 when no torch is importable) and the plugin with its test extras, then runs pytest.
+# Entry points for a fresh machine: `make demo` (the main job) and `make test` build .venv,
+# install torch (the CPU build 2.13.0 when no torch is importable) and the plugin with its test
+# extras, then run the demo or pytest.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stag_installed
 
-.PHONY: install test example clean
+.PHONY: install demo test example clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,9 @@ $(STAMP): $(PY) setup.py pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m stag_plugin.demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -58,6 +58,10 @@ _FLAG_OF_FIELD = {field: flag for flag, field, _ in STAG_FLAGS} | {
     "rotary_percent": "--rotary-percent", "ffn_hidden_size": "--ffn-hidden-size",
 }
 
+# Flags of the learning-rate / weight-decay schedule, checked on resume (see train.check_resume).
+SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style",
+                  "weight_decay")
+
 DEFAULT_CACHE = Path(os.environ.get("STAG_CACHE", Path.home() / ".cache" / "stag_plugin"))
 
 
@@ -140,6 +144,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load", type=Path, default=None, help="resume from this checkpoint folder")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on --load, use this command's learning-rate schedule flags instead of "
+                        "requiring the checkpoint's")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving) once the iteration is a multiple of this")
     g.add_argument("--metrics-log", type=Path, default=None,
@@ -180,6 +187,10 @@ def load_preset(path: Path, parser: argparse.ArgumentParser) -> dict:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults the way Megatron-LM does; reject inconsistent training flags."""
+    for flag in ("train_iters", "seq_length", "micro_batch_size", "eval_iters", "log_interval",
+                 "eval_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size
@@ -188,10 +199,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"--micro-batch-size {args.micro_batch_size}. Fix: make it one")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    for flag in ("train_iters", "seq_length", "micro_batch_size", "eval_iters", "log_interval",
-                 "eval_interval"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr_warmup_iters >= args.lr_decay_iters and args.lr_decay_style != "constant":
         raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below "
                          f"--lr-decay-iters {args.lr_decay_iters} (default: --train-iters). "

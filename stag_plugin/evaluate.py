@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", type=Path, required=True, help="checkpoint folder (--save)")
     parser.add_argument("--split", choices=("valid", "test"), default="valid")
     parser.add_argument("--eval-iters", type=int, default=None,
-                        help="global batches to evaluate (default: the whole split once)")
+                        help="batches to evaluate, of the run's --global-batch-size samples "
+                             "(default: the whole split once)")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="default: the training run's")
     parser.add_argument("--data-cache-dir", type=Path, default=None,
@@ -74,9 +75,8 @@ def saved_args(run: dict, options: argparse.Namespace) -> argparse.Namespace:
     """The training run's flags, with this command's overrides applied."""
     args = argparse.Namespace(**run["args"])
     args.data_cache_dir = Path(options.data_cache_dir or args.data_cache_dir)
-    if options.micro_batch_size is not None:
-        args.micro_batch_size = options.micro_batch_size
-    args.global_batch_size = args.micro_batch_size  # evaluation needs no gradient accumulation
+    if options.micro_batch_size is not None:  # --eval-iters then counts batches of this size
+        args.micro_batch_size = args.global_batch_size = options.micro_batch_size
     args.load, args.save = options.load, None
     return args
 

@@ -121,8 +121,14 @@ def setup_distributed(tensor_parallel: int) -> None:
     """Use torchrun's world when launched by it, else a world of one; (re)build parallel state."""
     from megatron.core import parallel_state
 
+    world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
+             else int(os.environ.get("WORLD_SIZE", "1")))
+    if world % tensor_parallel:
+        raise ValueError(f"--tensor-model-parallel-size {tensor_parallel} does not divide the "
+                         f"world size {world}. Fix: launch a multiple of it with torchrun "
+                         f"(e.g. torchrun --nproc-per-node {tensor_parallel} ...)")
     if not torch.distributed.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if world > 1:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend=backend)
         else:
@@ -130,10 +136,6 @@ def setup_distributed(tensor_parallel: int) -> None:
 
             initialize_single_process(tensor_parallel)
             return
-    world = torch.distributed.get_world_size()
-    if world % tensor_parallel:
-        raise ValueError(f"--tensor-model-parallel-size {tensor_parallel} does not divide the "
-                         f"world size {world}. Fix: launch a multiple of it")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
@@ -166,10 +168,20 @@ def prepare_tokenized_data(args):
 
 
 def check_load_target(args, vocab: int) -> None:
-    """--load must exist; it may be empty only when it is also the --save folder (first run)."""
+    """--load must exist; it may be empty only when it is also the --save folder (first run).
+    Its architecture must be this run's, and so must its schedule unless overridden."""
     if checkpointing.latest_iteration(args.load) is None and args.load == args.save:
         return
     checkpointing.check_architecture(args.load, arguments.architecture_of(args, vocab))
+    if args.no_load_optim or args.override_opt_param_scheduler:
+        return
+    saved = checkpointing.read_run(args.load)[1]["args"]
+    diffs = [f"--{flag.replace('_', '-')} {getattr(args, flag)} (checkpoint: {saved.get(flag)})"
+             for flag in arguments.SCHEDULE_FLAGS if saved.get(flag) != getattr(args, flag)]
+    if diffs:
+        raise ValueError(f"resuming {args.load} with another learning-rate schedule: "
+                         f"{', '.join(diffs)}. Fix: pass the checkpoint's values, or add "
+                         "--override-opt-param-scheduler to continue with the new ones")
 
 
 def build_model(args, config, vocab: int) -> list:
@@ -205,7 +217,9 @@ def build_optimizer(args, model: list):
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant")
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler)
     config = model[0].config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
@@ -239,8 +253,7 @@ def train_loop(run: Run) -> TrainResult:
         bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}",
                         tok_s=f"{timer.tokens_per_second():.0f}")
         if run.iteration % args.log_interval == 0 or run.iteration == args.train_iters:
-            run.log.write(iteration=run.iteration, tokens_per_second=timer.tokens_per_second(),
-                          consumed_samples=run.consumed_samples, **stats)
+            log_step(run, bar, stats, timer.tokens_per_second())
         if run.iteration % args.eval_interval == 0 and run.iteration < args.train_iters:
             run_validation(run, bar)
         if _should_save(args, run.iteration):
@@ -343,6 +356,17 @@ def evaluate(model: list, dataset, args, num_batches: Optional[int] = None) -> f
     for chunk in model:
         chunk.train()
     return reduce_loss(reports)
+
+
+def log_step(run: Run, bar, stats: dict, tokens_per_second: float) -> None:
+    """A JSON-lines record; without a progress bar also a Megatron-style text line."""
+    run.log.write(iteration=run.iteration, tokens_per_second=tokens_per_second,
+                  consumed_samples=run.consumed_samples, **stats)
+    if bar.disable and _is_logging_rank():
+        norm = stats["grad_norm"]
+        print(f" iteration {run.iteration:>6}/{run.args.train_iters} | loss {stats['loss']:.4f} | "
+              f"lr {stats['lr']:.3e} | grad norm {norm if norm is None else f'{norm:.3f}'} | "
+              f"tokens/s {tokens_per_second:.0f}", file=sys.stderr, flush=True)
 
 
 def run_validation(run: Run, bar) -> float:

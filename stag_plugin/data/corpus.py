@@ -196,7 +196,7 @@ def _record_text(record, where: str, json_key: str) -> str:
         keys = ", ".join(repr(k) for k in record) or "none"
         raise DataError(
             f"{where}: the JSON object has no '{json_key}' key (its keys: {keys}). Fix: pass "
-            f"--json-key NAME (json_key=NAME) to read another field, or add '{json_key}'."
+            f"--json-keys NAME (json_key=NAME) to read another field, or add '{json_key}'."
         )
     value = record[json_key]
     if not isinstance(value, str):
