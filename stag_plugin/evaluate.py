@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: the training run's")
     parser.add_argument("--data-cache-dir", type=Path, default=None,
                         help="default: the training run's")
+    parser.add_argument("--tensor-model-parallel-size", type=int,
+                        default=int(os.environ.get("WORLD_SIZE", "1")),
+                        help="any layout: the checkpoint is resharded on load (default: the "
+                             "launched world size, 1 without torchrun)")
     return parser
 
 
@@ -78,6 +83,7 @@ def saved_args(run: dict, options: argparse.Namespace) -> argparse.Namespace:
     if options.micro_batch_size is not None:  # --eval-iters then counts batches of this size
         args.micro_batch_size = args.global_batch_size = options.micro_batch_size
     args.load, args.save = options.load, None
+    args.tensor_model_parallel_size = options.tensor_model_parallel_size
     return args
 
 

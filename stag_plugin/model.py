@@ -91,7 +91,7 @@ class StagGPTModel(LanguageModule):
             self.rotary_pos_emb = compat.rotary_embedding(config)
 
         # 2. Sections: one TransformerBlock each, each ending in its own final norm.
-        self.sections = torch.nn.ModuleList(
+        self.sections = SectionList(
             [self._build_section(specs.for_section(k)) for k in range(config.num_sections)]
         )
         if config.weight_sharing == "shared":
@@ -221,6 +221,21 @@ class StagGPTModel(LanguageModule):
             if tensor_id in owners:
                 filled[key] = state_dict[owners[tensor_id]]
         return filled
+
+
+class SectionList(torch.nn.ModuleList):
+    """The sections, visible to Megatron's sharded_state_dict traversal.
+
+    Megatron treats a child without `sharded_state_dict` (a plain ModuleList) as replicated, so
+    tensor-parallel shards would be saved as if whole; this delegates to each TransformerBlock.
+    """
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        state = {}
+        for k, section in enumerate(self):
+            state.update(section.sharded_state_dict(f"{prefix}{k}.", sharded_offsets, metadata))
+        return state
 
 
 def share_section_weights(sections: torch.nn.ModuleList) -> None:

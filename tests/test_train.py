@@ -28,6 +28,7 @@ import yaml
 from stag_plugin import arguments, checkpointing, cli, evaluate, train
 from stag_plugin.cpu_compat import apply_cpu_compat
 from stag_plugin.data import prepare_data
+from stag_plugin.megatron_compat import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # a multiple of 128: Megatron's padding leaves it unchanged
@@ -526,3 +527,26 @@ def test_cli_dispatcher(capsys):
         cli.main(["eval", "--help"])
     assert exit_info.value.code == 0
     assert "--load" in capsys.readouterr().out
+
+
+def test_tensor_parallel_run_matches_and_its_checkpoint_loads_at_tp1(tmp_path, base_flags):
+    """`stag train` under torchrun with TP 2 (two gloo processes) reproduces the TP 1 losses, and
+    its distributed checkpoint, resharded on load, evaluates at TP 1 to the loss TP 2 logged."""
+    flags = [str(a) for a in base_flags + ["--train-iters", "4", "--eval-interval", "100",
+                                           "--hidden-dropout", "0.0"]]
+    tp2, tp1 = tmp_path / "tp2", tmp_path / "tp1"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+              "--master-port", str(free_port()), "-m", "stag_plugin.train"]
+    done = subprocess.run(launch + flags + ["--tensor-model-parallel-size", "2",
+                                            "--save", str(tp2)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_ok(flags + ["--save", str(tp1)])
+    steps2, steps1 = training_steps(tp2), training_steps(tp1)
+    assert sorted(steps2) == sorted(steps1) == [1, 2, 3, 4]
+    for it in steps1:
+        assert steps2[it]["loss"] == pytest.approx(steps1[it]["loss"], abs=1e-5)
+    logged = validations(tp2)[-1][1]
+    result = eval_result(["--load", tp2, "--eval-iters", EVAL_ITERS,
+                          "--tensor-model-parallel-size", "1"])
+    assert result["loss"] == pytest.approx(logged, abs=1e-5)
