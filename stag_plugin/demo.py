@@ -33,9 +33,9 @@ from stag_plugin.cpu_compat import quiet_known_warnings
 
 # Shapes and budget per size; every model of a size trains on the same tokens in the same order.
 SIZES = {
-    "default": dict(layers=8, hidden_size=256, num_attention_heads=4, seq_length=256,
-                    micro_batch_size=8, train_iters=160, lr=2e-3, min_lr=2e-4,
-                    lr_warmup_iters=16, eval_interval=40, eval_iters=8, vocab_size=8192),
+    "default": dict(layers=8, hidden_size=128, num_attention_heads=4, seq_length=128,
+                    micro_batch_size=8, train_iters=880, lr=3e-3, min_lr=3e-4,
+                    lr_warmup_iters=88, eval_interval=220, eval_iters=16, vocab_size=4096),
     "small": dict(layers=4, hidden_size=64, num_attention_heads=4, seq_length=64,
                   micro_batch_size=4, train_iters=12, lr=3e-3, min_lr=3e-4,
                   lr_warmup_iters=2, eval_interval=6, eval_iters=2, vocab_size=1024),
@@ -138,8 +138,8 @@ def train_variant(name: str, flags: list, size: dict, options) -> ModelResult:
     argv = train_flags(name, flags, size, options)
     args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(), argv))
     _fresh_folder(args.save)
-    start = time.perf_counter()
     run = train.setup(args)
+    start = time.perf_counter()
     try:
         result = train.train_loop(run)
     finally:
@@ -231,13 +231,32 @@ def markdown_report(report: dict, results: list) -> str:
     for r in results:
         lines.append(f"| {r.name} | {_depth(r)} | {r.parameters:,} | {r.valid_loss:.4f} | "
                      f"{r.valid_ppl:.2f} | {r.tokens_per_second:.0f} | {r.train_seconds:.0f} |")
-    lines += ["", f"Validation perplexity, best first: {ranking}", "",
+    lines += ["", f"Validation perplexity, best first: {ranking}", "", *comparisons(results), "",
               "![validation loss](valid_loss.png)", "", "## Greedy samples", ""]
     for r in results:
         lines.append(f"### {r.name}")
         for sample in r.samples:
             lines += ["```python", sample["prompt"] + sample["completion"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def comparisons(results: list) -> list:
+    """What the table says about the paper's claims, computed from the measured losses."""
+    by_name = {r.name: r for r in results}
+    deep, shallow, *stags = [r.name for r in results]
+    lines = [_versus(by_name[deep], by_name[shallow], "depth at this budget")]
+    for stag in stags:
+        lines.append(_versus(by_name[stag], by_name[shallow],
+                             "StagFormer vs the latency-matched GPT"))
+        lines.append(_versus(by_name[stag], by_name[deep], "StagFormer vs the same-depth GPT"))
+    return lines
+
+
+def _versus(a: ModelResult, b: ModelResult, what: str) -> str:
+    delta = a.valid_loss - b.valid_loss
+    verdict = "better" if delta < 0 else "worse"
+    return (f"- {what}: {a.name} is {verdict} than {b.name} by {abs(delta):.4f} nats/token "
+            f"(perplexity {a.valid_ppl:.2f} vs {b.valid_ppl:.2f}).")
 
 
 def plot_curves(results: list, size: dict, path: Path) -> None:
@@ -254,8 +273,9 @@ def plot_curves(results: list, size: dict, path: Path) -> None:
         left.plot([h["iteration"] * tokens_per_iter for h in valid],
                   [h["loss"] for h in valid], marker="o", label=r.name)
         right.plot([h["iteration"] * tokens_per_iter for h in train],
-                   [h["loss"] for h in train], label=r.name, linewidth=0.8)
-    for axis, title in ((left, "validation loss"), (right, "training loss")):
+                   _running_mean([h["loss"] for h in train], 25), label=r.name, linewidth=1)
+    for axis, title in ((left, "validation loss"),
+                        (right, "training loss (running mean of 25 steps)")):
         axis.set_xlabel("training tokens")
         axis.set_ylabel("loss (nats/token)")
         axis.set_title(title)
@@ -264,6 +284,14 @@ def plot_curves(results: list, size: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _running_mean(values: list, window: int) -> list:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _depth(result: ModelResult) -> str:
