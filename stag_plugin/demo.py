@@ -34,8 +34,8 @@ from stag_plugin.cpu_compat import quiet_known_warnings
 # Shapes and budget per size; every model of a size trains on the same tokens in the same order.
 SIZES = {
     "default": dict(layers=8, hidden_size=128, num_attention_heads=4, seq_length=128,
-                    micro_batch_size=8, train_iters=880, lr=3e-3, min_lr=3e-4,
-                    lr_warmup_iters=88, eval_interval=220, eval_iters=16, vocab_size=4096),
+                    micro_batch_size=16, train_iters=440, lr=2e-3, min_lr=2e-4,
+                    lr_warmup_iters=44, eval_interval=110, eval_iters=8, vocab_size=4096),
     "small": dict(layers=4, hidden_size=64, num_attention_heads=4, seq_length=64,
                   micro_batch_size=4, train_iters=12, lr=3e-3, min_lr=3e-4,
                   lr_warmup_iters=2, eval_interval=6, eval_iters=2, vocab_size=1024),
