@@ -388,7 +388,7 @@ def test_command_line_process_reports_a_bad_tensor_parallel_size(base_flags):
     """The real entry point, in its own process (no process group exists beforehand)."""
     done = subprocess.run([sys.executable, "-m", "stag_plugin.train", *base_flags,
                            "--train-iters", "4", "--tensor-model-parallel-size", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "stag train: error: --tensor-model-parallel-size 2" in done.stderr
     assert "Traceback" not in done.stderr
@@ -539,7 +539,7 @@ def test_tensor_parallel_run_matches_and_its_checkpoint_loads_at_tp1(tmp_path, b
               "--master-port", str(free_port()), "-m", "stag_plugin.train"]
     done = subprocess.run(launch + flags + ["--tensor-model-parallel-size", "2",
                                             "--save", str(tp2)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     run_ok(flags + ["--save", str(tp1)])
     steps2, steps1 = training_steps(tp2), training_steps(tp1)
