@@ -265,7 +265,8 @@ def train_loop(run: Run) -> TrainResult:
     checkpoint = save(run) if args.save is not None and not _saved_at(args, run) else None
     return TrainResult(parameters=count_parameters(run.model), iterations=run.iteration,
                        valid_loss=valid_loss, tokens_per_second=timer.tokens_per_second(),
-                       history=run.log.records, checkpoint=str(checkpoint or args.save))
+                       history=run.log.records,
+                       checkpoint=str(checkpoint or args.save) if args.save else None)
 
 
 def train_step(run: Run) -> dict:
