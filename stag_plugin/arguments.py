@@ -56,6 +56,9 @@ _FLAG_OF_FIELD = {field: flag for flag, field, _ in STAG_FLAGS} | {
     "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
     "position_embedding_type": "--position-embedding-type", "rotary_base": "--rotary-base",
     "rotary_percent": "--rotary-percent", "ffn_hidden_size": "--ffn-hidden-size",
+    "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+    "virtual_pipeline_model_parallel_size": "--num-layers-per-virtual-pipeline-stage",
+    "sequence_parallel": "--sequence-parallel",
 }
 
 # Flags of the learning-rate / weight-decay schedule, checked on resume (see train.check_resume).
@@ -100,6 +103,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages; with p sections, p stages puts one section on each")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline (not supported by StagGPTModel; refused)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split norms/dropout activations over the tensor-parallel ranks")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
     add_stag_args(parser)
 
@@ -143,6 +152,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", type=Path, default=None, help="resume from this checkpoint folder")
     g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="on --load, take the model weights only: iteration 0, fresh optimizer")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state over data-parallel ranks (Megatron's "
+                        "DistributedOptimizer)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective waiting longer than this (e.g. on a dead rank) fails")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on --load, use this command's learning-rate schedule flags instead of "
@@ -226,6 +242,9 @@ def config_from_args(args: argparse.Namespace):
         rotary_percent=args.rotary_percent, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=_virtual_pipeline_size(args),
+        sequence_parallel=args.sequence_parallel,
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
     )
     if args.swiglu:
@@ -237,6 +256,13 @@ def config_from_args(args: argparse.Namespace):
         field = re.match(r"StagFormerConfig\.(\w+)=", str(err))
         flag = _FLAG_OF_FIELD.get(field.group(1)) if field else None
         raise ValueError(f"{flag}: {err}" if flag else str(err)) from err
+
+
+def _virtual_pipeline_size(args):
+    per_stage = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+    if per_stage is None:
+        return None
+    return max(1, args.num_layers // (args.pipeline_model_parallel_size * per_stage))
 
 
 def architecture_of(args: argparse.Namespace, padded_vocab_size: int) -> dict:

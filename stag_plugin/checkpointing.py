@@ -109,11 +109,11 @@ def load_checkpoint(root: Path, sharded_state: dict) -> tuple[int, dict]:
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
+    from megatron.core import tensor_parallel
 
+    if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    state["tracker"] = dict(tensor_parallel.get_cuda_rng_tracker().get_states())
     return state
 
 
@@ -121,11 +121,33 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        from megatron.core import tensor_parallel
+    from megatron.core import tensor_parallel
 
+    if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "tracker" in state:
+        tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+
+
+def sharded_rng_state():
+    """This rank's RNG state as one shard of a (pipeline x tensor-parallel) grid, replicated
+    over data-parallel ranks (Megatron-LM's layout): each model-parallel rank resumes its own
+    streams. A checkpoint resumed under another layout skips it (see `same_layout`)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state", rng_state(),
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank())
+
+
+def same_layout(root: Path, args) -> bool:
+    """Whether the checkpoint in `root` was saved with this run's TP and PP sizes."""
+    saved = read_run(root)[1]["args"]
+    return (saved.get("tensor_model_parallel_size", 1) == args.tensor_model_parallel_size
+            and saved.get("pipeline_model_parallel_size", 1) == args.pipeline_model_parallel_size)
 
 
 def _replace_dir(source: Path, target: Path) -> None:

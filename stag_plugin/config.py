@@ -75,7 +75,18 @@ class StagFormerConfig(TransformerConfig):
         _check_stag_options(self)
         _check_heads(self)
         _check_unsupported(self)
+        if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype  # dtype of the tensors between stages
         super().__post_init__()
+
+    def __setattr__(self, name, value):
+        # Whoever installs Megatron's finalize_model_grads (our trainer, Megatron-LM's train())
+        # gets the pipeline-replica gradient sum with it (stag_plugin.pipeline).
+        if name == "finalize_model_grads_func" and value is not None:
+            from stag_plugin.pipeline import with_replica_sync
+
+            value = with_replica_sync(value)
+        super().__setattr__(name, value)
 
     @property
     def layers_per_section(self) -> int:
@@ -158,10 +169,25 @@ def _check_heads(cfg: StagFormerConfig) -> None:
 
 
 def _check_unsupported(cfg: StagFormerConfig) -> None:
-    if cfg.sequence_parallel:
-        _fail("sequence_parallel", True,
-              "is not supported by StagGPTModel yet (shifting the memory by one token needs the "
-              "whole sequence on every rank)", "set sequence_parallel=False")
+    if cfg.sequence_parallel and cfg.tensor_model_parallel_size == 1:
+        _fail("sequence_parallel", True, "needs tensor parallelism (it splits activations over "
+              "the tensor-parallel ranks)", "set sequence_parallel=False or "
+              "tensor_model_parallel_size > 1")
+    if not _is_int(cfg.pipeline_model_parallel_size) or cfg.pipeline_model_parallel_size < 1:
+        _fail("pipeline_model_parallel_size", cfg.pipeline_model_parallel_size,
+              "must be an integer >= 1", "use 1, or a divisor of num_layers")
+    if cfg.num_layers % cfg.pipeline_model_parallel_size:
+        _fail("pipeline_model_parallel_size", cfg.pipeline_model_parallel_size,
+              f"does not divide num_layers={cfg.num_layers} ({cfg.num_sections} sections x "
+              f"{cfg.layers_per_section} layers): pipeline stage boundaries must fall on layer "
+              "boundaries",
+              f"use a divisor of {cfg.num_layers}, e.g. {cfg.num_sections} for one section per "
+              "stage")
+    if cfg.virtual_pipeline_model_parallel_size is not None:
+        _fail("virtual_pipeline_model_parallel_size", cfg.virtual_pipeline_model_parallel_size,
+              "StagGPTModel runs Megatron's non-interleaved 1F1B schedule; virtual "
+              "(interleaved) pipeline stages are not supported",
+              "leave it None (no --num-layers-per-virtual-pipeline-stage)")
     if cfg.context_parallel_size != 1:
         _fail("context_parallel_size", cfg.context_parallel_size,
               "context parallelism is not supported by StagGPTModel", "set it to 1")

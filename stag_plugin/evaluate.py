@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                         default=int(os.environ.get("WORLD_SIZE", "1")),
                         help="any layout: the checkpoint is resharded on load (default: the "
                              "launched world size, 1 without torchrun)")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                        help="pipeline stages (TP x PP must divide the launched world size)")
     return parser
 
 
@@ -58,16 +60,15 @@ def evaluate_checkpoint(options: argparse.Namespace) -> dict:
     iteration, run = checkpointing.read_run(options.load)
     args = saved_args(run, options)
     config = arguments.config_from_args(args)
-    train.setup_distributed(args.tensor_model_parallel_size)
+    train.setup_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            args.distributed_timeout_minutes)
     train.apply_cpu_compat()
     data, tokenizer = train.prepare_tokenized_data(args)
     check_tokenizer(options.load, iteration, data.tokenizer_path)
     vocab = arguments.padded_vocab_size(tokenizer.vocab_size, args)
     checkpointing.check_architecture(options.load, arguments.architecture_of(args, vocab))
     model = train.build_model(args, config, vocab)
-    inner = train.unwrap(model[0])
-    _, state = checkpointing.load_checkpoint(options.load, {"model": inner.sharded_state_dict()})
-    inner.load_state_dict(state["model"])
+    train.load_weights(model, options.load)
     dataset = split_dataset(args, data, tokenizer, options.split)
     batches = options.eval_iters or max(1, len(dataset) // args.global_batch_size)
     loss = train.evaluate(model, dataset, args, batches)
@@ -78,12 +79,18 @@ def evaluate_checkpoint(options: argparse.Namespace) -> dict:
 
 def saved_args(run: dict, options: argparse.Namespace) -> argparse.Namespace:
     """The training run's flags, with this command's overrides applied."""
-    args = argparse.Namespace(**run["args"])
+    from stag_plugin import train
+
+    defaults = vars(train.build_parser().parse_args([]))  # flags newer than the checkpoint
+    args = argparse.Namespace(**{**defaults, **run["args"]})
     args.data_cache_dir = Path(options.data_cache_dir or args.data_cache_dir)
     if options.micro_batch_size is not None:  # --eval-iters then counts batches of this size
         args.micro_batch_size = args.global_batch_size = options.micro_batch_size
     args.load, args.save = options.load, None
     args.tensor_model_parallel_size = options.tensor_model_parallel_size
+    args.pipeline_model_parallel_size = options.pipeline_model_parallel_size
+    args.sequence_parallel = args.sequence_parallel and args.tensor_model_parallel_size > 1
+    args.use_distributed_optimizer = False
     return args
 
 

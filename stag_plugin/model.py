@@ -14,23 +14,32 @@ Shared weights: every section runs section 1's layers (self-attention, MLP, norm
 2..p also share section 2's cross-attention. Each section keeps its own module object (hooks on
 `sections[k]` see section k) holding the shared submodules.
 
-This file is single-device model code; tensor parallelism lives inside Megatron's layers.
+Pipeline parallelism: `stag_plugin.layout` decides which layers each stage holds; a stage builds
+only those (its sections' layers keep their global names, `sections.{k}.layers.{i}`), re-embeds
+the token ids when it starts a section, and passes one packed tensor to the next stage
+(`stag_plugin.pipeline`). Tensor parallelism lives inside Megatron's layers.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from stag_plugin import megatron_compat as compat
+from stag_plugin import pipeline
 from stag_plugin.attention import cross_attention_mask
 from stag_plugin.config import StagFormerConfig
+from stag_plugin.layout import Segment, pipeline_stages, replica_stages, shared_layer_stages
+from stag_plugin.name_map import owner_key
 from stag_plugin.specs import StagLayerSpecs, get_stag_layer_spec
 
+import copy  # noqa: E402
+
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding  # noqa: E402
 from megatron.core.models.common.embeddings.language_model_embedding import (  # noqa: E402
     LanguageModelEmbedding,
 )
@@ -42,6 +51,7 @@ from megatron.core.transformer.transformer_block import (  # noqa: E402
     TransformerBlock,
     TransformerBlockSubmodules,
 )
+from megatron.core.transformer.utils import sharded_state_dict_default  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +64,8 @@ class StagGPTModel(LanguageModule):
         vocab_size: vocabulary size (divisible by the tensor-parallel size).
         max_sequence_length: longest sequence (sizes learned position embeddings).
         transformer_layer_spec: StagLayerSpecs; None builds `get_stag_layer_spec()`.
-        pre_process, post_process: pipeline-stage flags (only True/True is supported yet).
+        pre_process, post_process: Megatron's pipeline-stage flags: this rank is the first /
+            last pipeline stage (checked against Megatron's parallel state).
         share_embeddings_and_output_weights: tie the LM head to the word embeddings.
         parallel_output: keep logits split over tensor-parallel ranks ([b, s, vocab / tp]).
     """
@@ -70,59 +81,62 @@ class StagGPTModel(LanguageModule):
         share_embeddings_and_output_weights: bool = True,
         parallel_output: bool = True,
     ):
-        _check_arguments(config, vocab_size, max_sequence_length, transformer_layer_spec,
-                         pre_process, post_process)
+        _check_arguments(config, vocab_size, max_sequence_length, transformer_layer_spec)
         _ensure_parallel_state()
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length
-        self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
         self.parallel_output = parallel_output
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
+        self.stages = pipeline_stages(config.num_sections, config.layers_per_section,
+                                      config.pipeline_model_parallel_size,
+                                      config.output_combination == "learned")
+        self.stage = self.stages[parallel_state.get_pipeline_model_parallel_rank()]
+        _check_stage_flags(self.stage, len(self.stages), pre_process, post_process)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.input_tensor = None
         specs = transformer_layer_spec or get_stag_layer_spec(qk_layernorm=config.qk_layernorm)
 
-        # 1. Token (and optional position) embedding, shared by all sections.
-        self.embedding = LanguageModelEmbedding(
-            config=config, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
-            position_embedding_type=config.position_embedding_type, tp_group=self.tp_group,
-        )
+        # 1. Token (and optional position) embedding, on every stage that starts a section.
+        if self.stage.embeds:
+            self.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
+                position_embedding_type=config.position_embedding_type, tp_group=self.tp_group,
+            )
         if config.position_embedding_type == "rope":
             self.rotary_pos_emb = compat.rotary_embedding(config)
 
-        # 2. Sections: one TransformerBlock each, each ending in its own final norm.
+        # 2. Sections (this stage's part of them): TransformerBlocks, a final norm ending each.
         self.sections = SectionList(
-            [self._build_section(specs.for_section(k)) for k in range(config.num_sections)]
-        )
+            [SectionBlock(config, specs.for_section(seg.section), seg)
+             for seg in self.stage.segments])
         if config.weight_sharing == "shared":
             share_section_weights(self.sections)
 
         # 3. Cross-section parameters: the null memory slot and the output combination.
-        if config.num_sections > 1:
+        if config.num_sections > 1 and any(k > 0 for k in self.stage.sections):
             self.null_memory = torch.nn.Parameter(
                 torch.zeros(config.hidden_size, dtype=config.params_dtype))
-        if config.output_combination == "learned":
+        if config.output_combination == "learned" and any(
+                seg.ends_section for seg in self.stage.segments):
             alpha = torch.zeros(config.num_sections, dtype=config.params_dtype)
             alpha[-1] = 1.0
             self.combination_weights = torch.nn.Parameter(alpha)
+            # Scales sequence-parallel activations: its gradient is summed over TP ranks.
+            self.combination_weights.sequence_parallel = config.sequence_parallel
 
-        # 4. LM head (weights tied to the embedding unless asked otherwise).
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size, vocab_size, config=config, init_method=config.init_method,
-            bias=False, skip_bias_add=False, gather_output=not parallel_output,
-            skip_weight_param_allocation=share_embeddings_and_output_weights,
-            tp_group=self.tp_group,
-        )
+        # 4. LM head on the last stage (tied to the embedding unless asked otherwise; a last
+        #    stage that does not embed holds a pipeline replica of the word embeddings).
+        if self.post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, vocab_size, config=config, init_method=config.init_method,
+                bias=False, skip_bias_add=False, gather_output=not parallel_output,
+                skip_weight_param_allocation=share_embeddings_and_output_weights
+                and self.stage.embeds,
+                tp_group=self.tp_group,
+            )
         self.setup_embeddings_and_output_layer()
-
-    def _build_section(self, layer_spec) -> TransformerBlock:
-        layers = self.config.layers_per_section
-        return TransformerBlock(
-            config=self.config,
-            spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * layers,
-                                            layer_norm=layer_spec.submodules.input_layernorm),
-            post_layer_norm=True, pre_process=True, post_process=True,
-        )
 
     # ------------------------------------------------------------------ forward
 
@@ -136,67 +150,183 @@ class StagGPTModel(LanguageModule):
     ) -> Tensor:
         """input_ids, position_ids [b, s]; attention_mask None (causal) or bool [b|1, 1, s, s]
         with True = masked. Returns logits [b, s, vocab/tp], or the per-token loss [b, s]
-        when `labels` [b, s] is given."""
-        embedded = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
-        outputs = self.run_sections(embedded, attention_mask)
-        hidden = self.combine_outputs(outputs)  # [s, b, h]
-        output_weight = (self.shared_embedding_or_output_weight()
-                         if self.share_embeddings_and_output_weights else None)
-        logits, _ = self.output_layer(hidden, weight=output_weight,
+        when `labels` [b, s] is given; on a stage before the last, the packed boundary tensor
+        for the next stage."""
+        carry = (pipeline.unpack(self.input_tensor, self.stage.receives)
+                 if self.stage.receives else {})
+        embedded = (self.embedding(input_ids=input_ids, position_ids=position_ids)
+                    if self.stage.embeds else None)  # [s, b, h]
+        carry = self.run_stage(carry, embedded, attention_mask)
+        if not self.post_process:
+            return pipeline.pack(carry, self.stage.sends)
+        hidden = carry["combined" if self.config.output_combination == "learned" else "memory"]
+        logits, _ = self.output_layer(hidden, weight=self._output_weight(),
                                       runtime_gather_output=runtime_gather_output)
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, vocab/tp]
         return self.compute_language_model_loss(labels, logits)  # [b, s]
 
-    def run_sections(self, embedded: Tensor, attention_mask: Optional[Tensor]) -> List[Tensor]:
-        """Teacher-forced pass: every section over the whole sequence. Returns each section's
-        normalised output [s, b, h]."""
-        seq_len = embedded.shape[0]
+    def run_stage(self, carry: Dict[str, Tensor], embedded: Optional[Tensor],
+                  attention_mask: Optional[Tensor]) -> Dict[str, Tensor]:
+        """Teacher-forced pass of this stage's layers over the whole sequence.
+
+        `carry` holds the streams of `stag_plugin.layout` (hidden / memory / combined) coming
+        in; the streams after the stage's last layer come out. A finished section leaves its
+        normalised output as `memory` (the next section's cross-attention memory)."""
+        seq_len = self._sequence_length(embedded if embedded is not None else
+                                        next(iter(carry.values())))
         rotary = self.rotary_pos_emb(seq_len) if hasattr(self, "rotary_pos_emb") else None
         cross_mask = None
-        if self.config.num_sections > 1:
+        if any(k > 0 for k in self.stage.sections):
+            device = (embedded if embedded is not None else carry["memory"]).device
             cross_mask = cross_attention_mask(seq_len, self.config.cross_attention_window,
-                                              embedded.device, attention_mask)
-        outputs: List[Tensor] = []
-        for k, section in enumerate(self.sections):
-            memory = self.shift_memory(outputs[-1]) if k > 0 else None
-            outputs.append(section(
-                hidden_states=embedded, attention_mask=attention_mask, context=memory,
-                context_mask=cross_mask if k > 0 else None, rotary_pos_emb=rotary,
-            ))
-        return outputs
+                                              device, attention_mask)
+        for seg, block in zip(self.stage.segments, self.sections):
+            later = seg.section > 0
+            out = block(
+                hidden_states=embedded if seg.starts_section else carry["hidden"],
+                attention_mask=attention_mask, rotary_pos_emb=rotary,
+                context=self.shift_memory(carry["memory"]) if later else None,
+                context_mask=cross_mask if later else None,
+            )
+            carry = self._advance(carry, seg, out)
+        return carry
+
+    def _advance(self, carry: Dict[str, Tensor], seg: Segment, out: Tensor):
+        if not seg.ends_section:
+            return {**carry, "hidden": out}
+        advanced = {"memory": out}
+        if self.config.output_combination == "learned":
+            term = self.combination_weights[seg.section].to(out.dtype) * out
+            advanced["combined"] = carry["combined"] + term if "combined" in carry else term
+        return advanced
 
     def shift_memory(self, section_output: Tensor) -> Tensor:
-        """[s, b, h] section output -> [s, b, h] memory: slot 0 = null, slot j = output j-1."""
+        """[s, b, h] section output -> [s, b, h] memory: slot 0 = null, slot j = output j-1.
+
+        With sequence parallelism the shift runs on the gathered sequence and each rank keeps
+        its own slots again."""
+        if not self.config.sequence_parallel:
+            return self._shift(section_output)
+        full = tensor_parallel.gather_from_sequence_parallel_region(
+            section_output, tensor_parallel_output_grad=False)
+        return tensor_parallel.scatter_to_sequence_parallel_region(self._shift(full))
+
+    def _shift(self, section_output: Tensor) -> Tensor:
         _, batch, hidden = section_output.shape
         null = self.null_memory.to(section_output.dtype).view(1, 1, hidden).expand(1, batch, hidden)
         return torch.cat([null, section_output[:-1]], dim=0)
 
-    def combine_outputs(self, outputs: List[Tensor]) -> Tensor:
-        """The head's input: the last section's output, or sum_k alpha_k * out_k."""
-        if self.config.output_combination == "last":
-            return outputs[-1]
-        alpha = self.combination_weights.to(outputs[0].dtype)
-        return sum(alpha[k] * out for k, out in enumerate(outputs))
+    def _sequence_length(self, local: Tensor) -> int:
+        """Full sequence length of an [s or s/tp, b, ...] activation."""
+        if self.config.sequence_parallel:
+            return local.shape[0] * self.config.tensor_model_parallel_size
+        return local.shape[0]
+
+    def _output_weight(self) -> Optional[Tensor]:
+        if not self.share_embeddings_and_output_weights:
+            return None
+        if self.stage.embeds:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
 
     # ------------------------------------------------------------------ Megatron plumbing
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Pipeline hook called by Megatron's schedules; one stage holds the whole model."""
+        """Pipeline hook called by Megatron's schedules: the packed tensor from the stage
+        before (None on the first stage)."""
         tensors = input_tensor if isinstance(input_tensor, list) else [input_tensor]
-        if len(tensors) != 1 or tensors[0] is not None:
-            raise NotImplementedError("StagGPTModel does not support pipeline parallelism yet")
+        if len(tensors) != 1:
+            raise ValueError(f"StagGPTModel takes one boundary tensor, got {len(tensors)}")
+        self.input_tensor = tensors[0]
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        """Mark embedding/head weights for Megatron, and tie pipeline replicas.
+
+        With one stage this is Megatron's tying (one tensor, used twice). With several, every
+        parameter held by more than one stage is a pipeline replica (stag_plugin.pipeline):
+        copies start equal and their gradients are summed over the holders."""
+        if self.stage.embeds:
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        if self.post_process and self.output_layer.weight is not None:
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+        if len(self.stages) == 1:
+            if self.share_embeddings_and_output_weights:
+                self.embedding.word_embeddings.weight.zero_out_wgrad = True
+            return
+        holders = self.replica_holders()
+        pipeline.create_replica_groups(holders.values())
+        for name, param in self.named_parameters():
+            stages = holders.get(self.checkpoint_key(name))
+            if stages is not None:
+                pipeline.mark_replica(param, stages, self.stage.index)
+        pipeline.broadcast_replicas(self)
+
+    def shared_embedding_or_output_weight(self) -> Optional[Tensor]:
+        """Megatron's accessor for the tied embedding. None under pipeline parallelism: the
+        copies are pipeline replicas kept equal by stag_plugin.pipeline, so Megatron's own
+        first/last-stage embedding reduction must leave them alone."""
+        if len(self.stages) > 1:
+            return None
+        return self.embedding.word_embeddings.weight
+
+    @property
+    def position_embeddings(self):
+        """Megatron's finalize_model_grads looks position embeddings up on the model."""
+        return getattr(getattr(self, "embedding", None), "position_embeddings", None)
+
+    # ------------------------------------------------------------------ checkpoint names
+
+    def checkpoint_key(self, local_name: str) -> str:
+        """Global, layout-independent name of parameter `local_name` of this stage: sections
+        and layers by their index in the model, shared weights under their owner, the tied
+        head under the word embeddings."""
+        if local_name == "output_layer.weight" and self.share_embeddings_and_output_weights:
+            return "embedding.word_embeddings.weight"
+        if local_name.startswith("sections."):
+            _, index, rest = local_name.split(".", 2)
+            seg = self.stage.segments[int(index)]
+            if rest.startswith("layers."):
+                _, layer, tail = rest.split(".", 2)
+                rest = f"layers.{seg.first_layer + int(layer)}.{tail}"
+            return owner_key(self.config, f"sections.{seg.section}.{rest}")
+        return local_name
+
+    def replica_holders(self) -> Dict[str, tuple]:
+        """Checkpoint key -> stages holding a copy, for every parameter held by several."""
+        tied = self.share_embeddings_and_output_weights
+        kinds = replica_stages(self.stages, tied)
+        holders = {"embedding.word_embeddings.weight": kinds["word_embeddings"],
+                   "embedding.position_embeddings.weight": kinds["position_embeddings"],
+                   "null_memory": kinds["null_memory"],
+                   "combination_weights": kinds["combination_weights"]}
+        if self.config.weight_sharing == "shared":
+            shared = shared_layer_stages(self.stages)
+            for name, _ in self.named_parameters():
+                key = self.checkpoint_key(name)
+                holders.setdefault(key, _shared_holders(key, shared))
+        return {k: v for k, v in holders.items() if v is not None and len(v) > 1}
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None):
         """Distributed-checkpoint view: every parameter once, under a global, stable name.
 
         Layers are saved one key per layer (`sections.{k}.layers.{i}.…`, i counted within the
-        section); a weight shared between sections is saved under its first owner only.
-        """
+        section, whatever the pipeline layout); a weight shared between sections is saved under
+        its first owner; a pipeline replica is written by its first holder stage only."""
         metadata = dict(metadata or {}, non_homogeneous_layers=True)
-        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return drop_shared_duplicates(state)
+        state = super(LanguageModule, self).sharded_state_dict(prefix, sharded_offsets, metadata)
+        state = drop_shared_duplicates(state)
+        holders = self.replica_holders() if len(self.stages) > 1 else {}
+        for local_key, entry in state.items():
+            if not hasattr(entry, "key"):
+                continue
+            key = self.checkpoint_key(local_key[len(prefix):])
+            entry.key = prefix + key
+            stages = holders.get(key) or holders.get(key.rsplit(".", 1)[0] + ".weight")
+            if stages is not None and stages[0] != self.stage.index:
+                entry.replica_id = _non_main(entry.replica_id)
+        return state
 
     def load_state_dict(self, state_dict, strict: bool = True):
         """torch's load_state_dict, accepting a shared weight under its first owner's key only.
@@ -238,22 +368,57 @@ class SectionList(torch.nn.ModuleList):
         return state
 
 
+class SectionBlock(TransformerBlock):
+    """The layers of one section that live on this pipeline stage (all of them without
+    pipeline parallelism), ending in the section's final norm when the section ends here.
+
+    Built with a pipeline-size-1 view of the config, so Megatron numbers the layers from the
+    block's first layer instead of its own even split of `num_layers` over stages; global
+    checkpoint names are set by StagGPTModel.checkpoint_key.
+    """
+
+    def __init__(self, config: StagFormerConfig, layer_spec, segment: Segment):
+        block_config = copy.copy(config)
+        block_config.pipeline_model_parallel_size = 1
+        super().__init__(
+            config=block_config,
+            spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * segment.num_layers,
+                                            layer_norm=layer_spec.submodules.input_layernorm),
+            post_layer_norm=True, pre_process=True, post_process=segment.ends_section,
+        )
+        self.segment = segment
+
+
 def share_section_weights(sections: torch.nn.ModuleList) -> None:
     """Make every section use section 1's layer weights and section 2's cross-attention.
 
     Submodules are shared by object, so parameters are shared too; the discarded copies are
     freed. A slot is shared only between modules of the same type: section 1's cross-attention
     slots hold IdentityOp, so section 2 keeps its own cross-attention, which sections 3..p
-    then take from section 2.
+    then take from section 2. Under pipeline parallelism this ties the sections of one stage;
+    copies on other stages are pipeline replicas (StagGPTModel.replica_holders).
     """
-    for k in range(1, len(sections)):
-        owner = sections[0] if k == 1 else sections[1]
-        for layer, owner_layer in zip(sections[k].layers, owner.layers):
+    for block in sections:
+        seg = block.segment
+        for i, layer in enumerate(block.layers):
             for name, child in list(layer.named_children()):
-                source = getattr(owner_layer, name)
-                if type(source) is type(child):
+                source = _first_owner(sections, seg.first_layer + i, name, type(child))
+                if source is not None:
                     setattr(layer, name, source)
-        sections[k].final_layernorm = sections[0].final_layernorm
+        if block.final_layernorm is not None:
+            block.final_layernorm = next(b.final_layernorm for b in sections
+                                         if b.final_layernorm is not None)
+
+
+def _first_owner(sections, layer_index: int, name: str, kind: type):
+    """The first module of type `kind` in slot `name` of layer `layer_index` on this stage."""
+    for block in sections:
+        seg = block.segment
+        if seg.first_layer <= layer_index < seg.first_layer + seg.num_layers:
+            module = getattr(block.layers[layer_index - seg.first_layer], name)
+            if type(module) is kind:
+                return module
+    return None
 
 
 def drop_shared_duplicates(state: dict) -> dict:
@@ -269,7 +434,7 @@ def drop_shared_duplicates(state: dict) -> dict:
     return kept
 
 
-def _check_arguments(config, vocab_size, max_sequence_length, spec, pre_process, post_process):
+def _check_arguments(config, vocab_size, max_sequence_length, spec):
     if not isinstance(config, StagFormerConfig):
         raise TypeError(f"StagGPTModel needs a StagFormerConfig, got {type(config).__name__}; "
                         "build one with StagFormerConfig(num_layers=..., ...)")
@@ -282,9 +447,33 @@ def _check_arguments(config, vocab_size, max_sequence_length, spec, pre_process,
     if spec is not None and not isinstance(spec, StagLayerSpecs):
         raise TypeError("transformer_layer_spec must be StagLayerSpecs (see "
                         f"stag_plugin.get_stag_layer_spec), got {type(spec).__name__}")
-    if not (pre_process and post_process) or config.pipeline_model_parallel_size != 1:
-        raise NotImplementedError("StagGPTModel does not support pipeline parallelism yet: use "
-                                  "pipeline_model_parallel_size=1, pre_process=post_process=True")
+
+
+def _check_stage_flags(stage, num_stages: int, pre_process: bool, post_process: bool) -> None:
+    first, last = stage.index == 0, stage.index == num_stages - 1
+    if (pre_process, post_process) != (first, last):
+        raise ValueError(
+            f"pre_process={pre_process}, post_process={post_process} do not match pipeline "
+            f"stage {stage.index} of {num_stages} (Megatron's parallel state). Fix: pass "
+            "pre_process=is_pipeline_first_stage(), post_process=is_pipeline_last_stage()")
+
+
+def _shared_holders(key: str, shared: dict):
+    """Stages holding shared-weight `key` (a checkpoint key), from layout.shared_layer_stages."""
+    parts = key.split(".")
+    if parts[0] != "sections":
+        return None
+    if parts[2] == "final_layernorm":
+        return shared.get(("final_norm", 0))
+    kind = "cross" if parts[4].startswith(("cross_attention", "pre_cross_attn")) else "layer"
+    return shared.get((kind, int(parts[3])))
+
+
+def _non_main(replica_id):
+    """A replica id marking a pipeline copy (not the one written to the checkpoint)."""
+    if isinstance(replica_id, int):
+        return (1, replica_id)
+    return (1,) + tuple(replica_id[1:])
 
 
 def _ensure_parallel_state() -> None:

@@ -102,6 +102,11 @@ def _stack(cfg, section: int) -> int:
     return 0 if cfg.weight_sharing == "shared" else section
 
 
+def owner_key(cfg, key: str) -> str:
+    """The key a weight is stored under: its owner's with shared weights, else `key` itself."""
+    return _alias_owner(cfg, key) or key
+
+
 def _alias_owner(cfg, key: str) -> Optional[str]:
     """With shared weights, the owner of an aliased key (section 0 owns the layers and norms,
     section 1 the cross-attention); None for keys that own their tensor."""

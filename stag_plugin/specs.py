@@ -13,6 +13,8 @@ The backend (which linear, norm and core-attention modules fill the slots) is ch
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 from stag_plugin.attention import SDPAttention, StagCrossAttention
@@ -38,6 +40,26 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
 BACKENDS = ("local",)
 
 
+class TorchNorm:
+    """Megatron's WrappedTorchNorm (torch LayerNorm / RMSNorm), usable with sequence parallelism.
+
+    Under sequence parallelism each tensor-parallel rank normalises its own slice of the
+    sequence with the same weights; the weights are marked `sequence_parallel` so Megatron's
+    finalize_model_grads sums their gradients over the tensor-parallel ranks (what Megatron's
+    fused norms do).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        if sequence_parallel:
+            config = copy.copy(config)
+            config.sequence_parallel = False
+        norm = WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+
 class StagLocalSpecProvider(LocalSpecProvider):
     """Megatron's local backend with an SDPA core attention and torch norms: runs on CPU and GPU.
 
@@ -49,7 +71,7 @@ class StagLocalSpecProvider(LocalSpecProvider):
         return SDPAttention
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
-        return WrappedTorchNorm
+        return TorchNorm
 
 
 def get_backend(name: str = "local") -> BackendSpecProvider:

@@ -2,8 +2,10 @@
 
 Built from megatron-core parts: Megatron's DistributedDataParallel, `get_megatron_optimizer`,
 `OptimizerParamScheduler`, `get_forward_backward_func`, `GPTDataset` and distributed checkpoints.
-Single process by default; under torchrun it uses the launched world (TP from
---tensor-model-parallel-size, data parallel over the rest).
+Single process by default; under torchrun it uses the launched world: tensor parallel
+(--tensor-model-parallel-size, optionally --sequence-parallel), pipeline parallel
+(--pipeline-model-parallel-size; stages hold whole sections or parts of them, see
+stag_plugin.layout) and data parallel over the rest (optionally --use-distributed-optimizer).
 
     stag train --config configs/tiny_cpu.yaml --save runs/tiny
     stag train --config configs/tiny_cpu.yaml --save runs/tiny --load runs/tiny   # resume
@@ -100,7 +102,8 @@ def train(args: argparse.Namespace) -> TrainResult:
 def setup(args: argparse.Namespace) -> Run:
     """Validate everything that can be wrong before any output is written, then build."""
     config = arguments.config_from_args(args)
-    setup_distributed(args.tensor_model_parallel_size)
+    setup_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                      args.distributed_timeout_minutes)
     apply_cpu_compat()
     set_seed(args.seed)
     data, tokenizer = prepare_tokenized_data(args)
@@ -117,28 +120,40 @@ def setup(args: argparse.Namespace) -> Run:
     return run
 
 
-def setup_distributed(tensor_parallel: int) -> None:
-    """Use torchrun's world when launched by it, else a world of one; (re)build parallel state."""
+def setup_distributed(tensor_parallel: int, pipeline_parallel: int = 1,
+                      timeout_minutes: float = 10.0) -> None:
+    """Use torchrun's world when launched by it, else a world of one; (re)build parallel state.
+
+    Data parallel takes the rest of the world. Every collective (gloo or NCCL) fails after
+    `timeout_minutes`, so a dead rank ends the job instead of hanging it."""
+    from datetime import timedelta
+
     from megatron.core import parallel_state
 
     world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
              else int(os.environ.get("WORLD_SIZE", "1")))
-    if world % tensor_parallel:
-        raise ValueError(f"--tensor-model-parallel-size {tensor_parallel} does not divide the "
-                         f"world size {world}. Fix: launch a multiple of it with torchrun "
-                         f"(e.g. torchrun --nproc-per-node {tensor_parallel} ...)")
+    model_parallel = tensor_parallel * pipeline_parallel
+    if world % model_parallel:
+        raise ValueError(f"--tensor-model-parallel-size {tensor_parallel} x "
+                         f"--pipeline-model-parallel-size {pipeline_parallel} = {model_parallel} "
+                         f"does not divide the world size {world}. Fix: launch a multiple of "
+                         f"{model_parallel} processes (e.g. torchrun --nproc-per-node "
+                         f"{model_parallel} ...)")
     if not torch.distributed.is_initialized():
-        if world > 1:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-        else:
+        if world == 1:
             from stag_plugin.megatron_compat import initialize_single_process
 
             initialize_single_process(tensor_parallel)
             return
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend,
+                                             timeout=timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)))
 
 
 def set_seed(seed: int) -> None:
@@ -149,6 +164,10 @@ def set_seed(seed: int) -> None:
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from stag_plugin.cpu_compat import seed_model_parallel_rng
+
+        seed_model_parallel_rng(seed)
 
 
 def prepare_tokenized_data(args):
@@ -173,7 +192,7 @@ def check_load_target(args, vocab: int) -> None:
     if checkpointing.latest_iteration(args.load) is None and args.load == args.save:
         return
     checkpointing.check_architecture(args.load, arguments.architecture_of(args, vocab))
-    if args.no_load_optim or args.override_opt_param_scheduler:
+    if args.no_load_optim or args.override_opt_param_scheduler or args.finetune:
         return
     saved = checkpointing.read_run(args.load)[1]["args"]
     diffs = [f"--{flag.replace('_', '-')} {getattr(args, flag)} (checkpoint: {saved.get(flag)})"
@@ -188,16 +207,21 @@ def build_model(args, config, vocab: int) -> list:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
+    from megatron.core import parallel_state
+
     from stag_plugin.model import StagGPTModel
     from stag_plugin.specs import get_stag_layer_spec
 
     model = StagGPTModel(
         config, vocab_size=vocab, max_sequence_length=args.max_position_embeddings,
         transformer_layer_spec=get_stag_layer_spec(qk_layernorm=args.qk_layernorm),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
     if args.bf16:
         model = Float16Module(config, model)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer)
     chunk = DistributedDataParallel(config, ddp_config, model)
     chunk.broadcast_params()
     return [chunk]
@@ -212,6 +236,7 @@ def build_optimizer(args, model: list):
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16,
+        use_distributed_optimizer=args.use_distributed_optimizer,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32), model)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
@@ -221,7 +246,7 @@ def build_optimizer(args, model: list):
         use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler)
     config = model[0].config
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_model_grads  # + pipeline replicas (config.py)
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model[0].no_sync
     return optimizer, scheduler
@@ -281,7 +306,8 @@ def train_step(run: Run) -> dict:
     reports = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=batches, model=run.model,
         num_microbatches=count, seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size, forward_only=False)
+        micro_batch_size=args.micro_batch_size, forward_only=False,
+        **pipeline_kwargs(run.model))
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
     succeeded, grad_norm, _ = run.optimizer.step()
     if succeeded:
@@ -292,8 +318,21 @@ def train_step(run: Run) -> dict:
                 skipped=not succeeded)
 
 
+def pipeline_kwargs(model: list) -> dict:
+    """Extra schedule arguments under pipeline parallelism: each stage's boundary shapes."""
+    from stag_plugin import pipeline
+
+    stag_model = unwrap(model[0])
+    if len(stag_model.stages) == 1:
+        return {}
+    return {"adjust_tensor_shapes_fn": pipeline.adjust_tensor_shapes(stag_model.stage)}
+
+
 def forward_step(data_iterator, model):
-    """Megatron's forward-step contract: (output, loss function of that output)."""
+    """Megatron's forward-step contract: (output, loss function of that output).
+
+    Every pipeline stage reads the batch: each stage that starts a section embeds the token
+    ids, and the last one needs the labels."""
     batch = next(data_iterator)
     per_token_loss = model(batch["tokens"], batch["position_ids"], attention_mask=None,
                            labels=batch["labels"])  # [b, s]
@@ -309,13 +348,16 @@ def masked_loss(loss_mask, per_token_loss):
 
 
 def reduce_loss(reports: list) -> float:
-    """Mean loss per token over the micro-batches of this rank and the data-parallel group."""
+    """Mean loss per token over the micro-batches of the data-parallel group, on every rank
+    (the last pipeline stage computes it; the pipeline group shares it)."""
     from megatron.core import parallel_state
 
-    if not reports:
-        return float("nan")
-    summed = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)  # [loss sum, tokens]
+    summed = (torch.stack([r["lm loss"] for r in reports]).sum(dim=0) if reports
+              else torch.zeros(2))  # [loss sum, tokens]
     torch.distributed.all_reduce(summed, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(
+            summed, group=parallel_state.get_pipeline_model_parallel_group())
     return (summed[0] / summed[1]).item()
 
 
@@ -353,7 +395,8 @@ def evaluate(model: list, dataset, args, num_batches: Optional[int] = None) -> f
             reports += get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=batches, model=model,
                 num_microbatches=count, seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size, forward_only=True)
+                micro_batch_size=args.micro_batch_size, forward_only=True,
+                **pipeline_kwargs(model))
     for chunk in model:
         chunk.train()
     return reduce_loss(reports)
@@ -389,7 +432,9 @@ def checkpoint_state(run: Run, loading: bool = False) -> dict:
     state = {"model": model_state, "iteration": run.iteration,
              "consumed_samples": run.consumed_samples,
              "opt_param_scheduler": run.scheduler.state_dict(),
-             "rng_state": checkpointing.rng_state()}
+             "rng_state": checkpointing.sharded_rng_state()}
+    if loading and (run.args.no_load_rng or not checkpointing.same_layout(run.args.load, run.args)):
+        del state["rng_state"]  # other TP/PP layout: its RNG streams do not map onto this one
     if not (loading and run.args.no_load_optim):
         state["optimizer"] = run.optimizer.sharded_state_dict(model_state, is_loading=loading)
     return state
@@ -407,17 +452,30 @@ def save(run: Run) -> Path:
 
 
 def resume(run: Run) -> None:
-    """Restore model, optimizer, scheduler, data position and RNG from --load."""
+    """Restore model, optimizer, scheduler, data position and RNG from --load (with
+    --finetune: the model weights only, starting at iteration 0)."""
+    if run.args.finetune:
+        load_weights(run.model, run.args.load)
+        run.log.write(iteration=0, event="load-weights", path=str(run.args.load))
+        return
     iteration, state = checkpointing.load_checkpoint(run.args.load,
                                                      checkpoint_state(run, loading=True))
     unwrap(run.model[0]).load_state_dict(state["model"])
     if "optimizer" in state:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["opt_param_scheduler"])
-    if not run.args.no_load_rng:
+    if "rng_state" in state:
         checkpointing.set_rng_state(state["rng_state"])
     run.iteration, run.consumed_samples = iteration, int(state["consumed_samples"])
     run.log.write(iteration=iteration, event="load", path=str(run.args.load))
+
+
+def load_weights(model: list, root: Path) -> int:
+    """Load the latest checkpoint's model weights under this run's layout (resharded)."""
+    inner = unwrap(model[0])
+    iteration, state = checkpointing.load_checkpoint(root, {"model": inner.sharded_state_dict()})
+    inner.load_state_dict(state["model"])
+    return iteration
 
 
 def _should_save(args, iteration: int) -> bool:

@@ -56,8 +56,11 @@ BAD = [
      "num_query_groups", "not divisible by tensor_model_parallel_size"),
     (dict(hidden_size=66, num_attention_heads=4), "hidden_size",
      "not divisible by num_attention_heads"),
-    (dict(sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel",
-     "not supported"),
+    (dict(sequence_parallel=True), "sequence_parallel", "needs tensor parallelism"),
+    (dict(virtual_pipeline_model_parallel_size=2, pipeline_model_parallel_size=2),
+     "virtual_pipeline_model_parallel_size", "not supported"),
+    (dict(num_layers=4, num_sections=2, pipeline_model_parallel_size=3),
+     "pipeline_model_parallel_size", "does not divide num_layers=4"),
 ]
 
 
@@ -75,7 +78,9 @@ def test_valid_variants_build():
     for overrides in [dict(num_sections=1, num_layers=3), dict(weight_sharing="shared"),
                       dict(cross_attention_window=1, output_combination="learned"),
                       dict(position_embedding_type="learned_absolute", cross_attention_rope=False),
-                      dict(num_query_groups=2, tensor_model_parallel_size=2)]:
+                      dict(num_query_groups=2, tensor_model_parallel_size=2),
+                      dict(sequence_parallel=True, tensor_model_parallel_size=2),
+                      dict(num_layers=4, num_sections=2, pipeline_model_parallel_size=4)]:
         tiny_config(**overrides)
 
 

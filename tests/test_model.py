@@ -197,7 +197,7 @@ def test_constructor_errors():
     with pytest.raises(TypeError, match="StagLayerSpecs"):
         StagGPTModel(cfg, vocab_size=96, max_sequence_length=16,
                      transformer_layer_spec=get_stag_layer_spec().first_section)
-    with pytest.raises(NotImplementedError, match="pipeline"):
+    with pytest.raises(ValueError, match="post_process=False do not match pipeline stage 0"):
         StagGPTModel(cfg, vocab_size=96, max_sequence_length=16, post_process=False)
     with pytest.raises(TypeError, match="StagFormerConfig"):
         from megatron.core.transformer.transformer_config import TransformerConfig
