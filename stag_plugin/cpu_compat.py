@@ -78,6 +78,10 @@ CUDA_TENSOR_METHOD_CALLS = (
     # distrib_optimizer.py:361/420-431 (via _build_model_and_main_param_groups) and :582 sort
     # params by `param.type()`, raise TypeError for CPU names (use_distributed_optimizer=True)
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
+    # distrib_optimizer.py:1089 `send_tensor.cuda()` when gathering optimizer state for a
+    # reshardable checkpoint
+    ("megatron.core.optimizer.distrib_optimizer",
+     "DistributedOptimizer.get_parameter_state_dp_zero"),
     # language_module.py:244 `weight.data.cuda()` before the all-reduce that gives the last
     # pipeline stage the tied embedding weights (share_embeddings_and_output_weights, PP > 1)
     ("megatron.core.models.common.language_module.language_module",

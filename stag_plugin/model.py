@@ -39,7 +39,7 @@ from stag_plugin.specs import StagLayerSpecs, get_stag_layer_spec
 import copy  # noqa: E402
 
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402
 from megatron.core.models.common.embeddings.language_model_embedding import (  # noqa: E402
     LanguageModelEmbedding,
 )
@@ -51,7 +51,6 @@ from megatron.core.transformer.transformer_block import (  # noqa: E402
     TransformerBlock,
     TransformerBlockSubmodules,
 )
-from megatron.core.transformer.utils import sharded_state_dict_default  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -277,10 +276,10 @@ class StagGPTModel(LanguageModule):
 
     # ------------------------------------------------------------------ checkpoint names
 
-    def checkpoint_key(self, local_name: str) -> str:
+    def checkpoint_key(self, local_name: str, owner: bool = True) -> str:
         """Global, layout-independent name of parameter `local_name` of this stage: sections
-        and layers by their index in the model, shared weights under their owner, the tied
-        head under the word embeddings."""
+        and layers by their index in the model, shared weights under their owner (unless
+        `owner=False`), the tied head under the word embeddings."""
         if local_name == "output_layer.weight" and self.share_embeddings_and_output_weights:
             return "embedding.word_embeddings.weight"
         if local_name.startswith("sections."):
@@ -289,7 +288,8 @@ class StagGPTModel(LanguageModule):
             if rest.startswith("layers."):
                 _, layer, tail = rest.split(".", 2)
                 rest = f"layers.{seg.first_layer + int(layer)}.{tail}"
-            return owner_key(self.config, f"sections.{seg.section}.{rest}")
+            name = f"sections.{seg.section}.{rest}"
+            return owner_key(self.config, name) if owner else name
         return local_name
 
     def replica_holders(self) -> Dict[str, tuple]:
@@ -321,7 +321,9 @@ class StagGPTModel(LanguageModule):
         for local_key, entry in state.items():
             if not hasattr(entry, "key"):
                 continue
-            key = self.checkpoint_key(local_key[len(prefix):])
+            # Tensors go under their owner's name; per-module extra state stays per section.
+            key = self.checkpoint_key(local_key[len(prefix):],
+                                      owner=isinstance(entry, ShardedTensor))
             entry.key = prefix + key
             stages = holders.get(key) or holders.get(key.rsplit(".", 1)[0] + ".weight")
             if stages is not None and stages[0] != self.stage.index:

@@ -436,7 +436,10 @@ def checkpoint_state(run: Run, loading: bool = False) -> dict:
     if loading and (run.args.no_load_rng or not checkpointing.same_layout(run.args.load, run.args)):
         del state["rng_state"]  # other TP/PP layout: its RNG streams do not map onto this one
     if not (loading and run.args.no_load_optim):
-        state["optimizer"] = run.optimizer.sharded_state_dict(model_state, is_loading=loading)
+        # The distributed optimizer's state is saved reshardable over TP / PP / DP layouts.
+        state["optimizer"] = run.optimizer.sharded_state_dict(
+            model_state, is_loading=loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return state
 
 

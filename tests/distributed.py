@@ -35,3 +35,37 @@ def run_workers(fn, world_size: int, tensor_parallel: int, args=(), timeout: flo
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"distributed test did not finish within {timeout} s")
+
+
+def run_command(cmd, timeout: float, env=None, cwd=None):
+    """Run `cmd` in its own process group; on the deadline kill the whole group (workers and
+    any helper processes they started), so a hung job can never hang pytest.
+
+    Returns (returncode, output). subprocess.run(timeout=...) is not enough: after killing the
+    direct child it waits for pipes that surviving grandchildren keep open."""
+    import os
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env, cwd=cwd, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise TimeoutError(f"{' '.join(map(str, cmd[:6]))} ... did not finish within {timeout} s; "
+                           f"output tail:\n{output[-3000:]}")
+    finally:
+        _kill_group(process.pid)
+    return process.returncode, output
+
+
+def _kill_group(pgid: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -16,7 +16,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -29,6 +28,8 @@ from stag_plugin import arguments, checkpointing, cli, evaluate, train
 from stag_plugin.cpu_compat import apply_cpu_compat
 from stag_plugin.data import prepare_data
 from stag_plugin.megatron_compat import free_port
+
+from distributed import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # a multiple of 128: Megatron's padding leaves it unchanged
@@ -386,12 +387,12 @@ def test_bad_train_input_is_a_clear_error_that_touches_nothing(extra, words, bas
 
 def test_command_line_process_reports_a_bad_tensor_parallel_size(base_flags):
     """The real entry point, in its own process (no process group exists beforehand)."""
-    done = subprocess.run([sys.executable, "-m", "stag_plugin.train", *base_flags,
-                           "--train-iters", "4", "--tensor-model-parallel-size", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "stag train: error: --tensor-model-parallel-size 2" in done.stderr
-    assert "Traceback" not in done.stderr
+    code, output = run_command([sys.executable, "-m", "stag_plugin.train", *base_flags,
+                                "--train-iters", "4", "--tensor-model-parallel-size", "2"],
+                               cwd=REPO, timeout=600)
+    assert code == 2, output[-2000:]
+    assert "stag train: error: --tensor-model-parallel-size 2" in output
+    assert "Traceback" not in output
 
 
 def test_json_key_fix_in_the_message_is_a_real_flag(base_flags, bad_files, capsys):
@@ -537,10 +538,9 @@ def test_tensor_parallel_run_matches_and_its_checkpoint_loads_at_tp1(tmp_path, b
     tp2, tp1 = tmp_path / "tp2", tmp_path / "tp1"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
               "--master-port", str(free_port()), "-m", "stag_plugin.train"]
-    done = subprocess.run(launch + flags + ["--tensor-model-parallel-size", "2",
-                                            "--save", str(tp2)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, output = run_command(launch + flags + ["--tensor-model-parallel-size", "2",
+                                                 "--save", str(tp2)], cwd=REPO, timeout=900)
+    assert code == 0, output[-3000:]
     run_ok(flags + ["--save", str(tp1)])
     steps2, steps1 = training_steps(tp2), training_steps(tp1)
     assert sorted(steps2) == sorted(steps1) == [1, 2, 3, 4]

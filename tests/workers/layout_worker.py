@@ -11,26 +11,29 @@ ranks, from the last pipeline stage) are written to OUT/logits.pt by that stage'
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 
-def main() -> None:
-    split = sys.argv.index("--")
+def main(argv) -> None:
+    split = argv.index("--")
     own = argparse.ArgumentParser()
     own.add_argument("out", type=Path)
     own.add_argument("--save-init", type=Path, default=None)
     own.add_argument("--logits-only", action="store_true")
-    options = own.parse_args(sys.argv[1:split])
-    torch.set_num_threads(1)  # ranks share the machine's cores
+    options = own.parse_args(argv[:split])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.set_num_threads(1)  # ranks share the machine's cores
 
     from stag_plugin import arguments, train
 
     train.quiet_known_warnings()
     args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(),
-                                                               sys.argv[split + 1:]))
+                                                               argv[split + 1:]))
+    options.out.mkdir(parents=True, exist_ok=True)
     run = train.setup(args)
     if options.save_init is not None:
         save_dir, args.save = args.save, options.save_init
@@ -73,4 +76,4 @@ def write_logits(run, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
