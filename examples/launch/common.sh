@@ -1,0 +1,208 @@
+# shellcheck shell=bash
+# Shared part of the StagFormer launch scripts: the model and training flags for each MODEL, the
+# parallel sizes, and the dry-run / run step. Sourced by train_single_node.sh,
+# train_multi_node.sh and train_slurm.sbatch; not run on its own.
+#
+# Every variable is read from the environment; the default is in brackets.
+#
+#   MODEL           which shapes to train [stag2x18-separate]:
+#                     gpt18              the paper's 18-layer baseline (configs/paper_gpt_18l.yaml)
+#                     stag2x18-separate  StagFormer, 2 sections x 18 layers, separate weights
+#                                        (configs/paper_stag_2x18_separate.yaml)
+#                     stag2x18-shared    StagFormer, 2 sections sharing one 18-layer stack
+#                                        (configs/paper_stag_2x18_shared.yaml)
+#                     tiny               2 x 2 layers, hidden 128, fp32: the CPU smoke test
+#                                        (configs/tiny_cpu.yaml)
+#   TP              --tensor-model-parallel-size [1]
+#   PP              --pipeline-model-parallel-size [2 for stag2x18-*: one section per stage;
+#                   1 for gpt18 and tiny]
+#   DP              data-parallel size [world size / (TP x PP)]; when set, TP x PP x DP must
+#                   equal the world size the launcher starts
+#   MICRO_BATCH_SIZE   --micro-batch-size [4]
+#   GLOBAL_BATCH_SIZE  --global-batch-size [1024; tiny: 8]; a multiple of MICRO_BATCH_SIZE x DP
+#   TRAIN_ITERS     --train-iters [250000; tiny: 100]
+#   DATA_PATH       --data-path, one or more space-separated files/folders [unset: the trainer's
+#                   default corpus, the Python standard library]
+#   VOCAB_SIZE      --vocab-size [unset: the trainer's default; tiny: 4096]
+#   SAVE_DIR        --save, checkpoint folder; shared by all nodes [runs/$MODEL]
+#   LOAD_DIR        --load, resume from here [$SAVE_DIR, so a restarted job resumes]
+#   SAVE_INTERVAL   --save-interval [1000; tiny: 50]
+#   LOG_INTERVAL    --log-interval [10; tiny: 5]
+#   EVAL_INTERVAL   --eval-interval [1000; tiny: 25]
+#   EVAL_ITERS      --eval-iters [50; tiny: 4]
+#   BF16            1: --bf16 [1; tiny: 0]
+#   DISTRIBUTED_OPTIMIZER  1: --use-distributed-optimizer [1; tiny: 0]
+#   SEQUENCE_PARALLEL      1: --sequence-parallel [1 when TP > 1, else 0]
+#   DISTRIBUTED_TIMEOUT_MINUTES  --distributed-timeout-minutes [30]
+#   ENTRY           the trainer, as the words that follow `python` [-m stag_plugin.train]; e.g.
+#                   ENTRY=examples/megatron_lm/pretrain_stag.py for the Megatron-LM entry (it may
+#                   need its own data/tokenizer flags: pass them as extra arguments)
+#   TORCHRUN        the torchrun command [torchrun]
+#   DRY_RUN         1: print the command, one flag (and its value) per line, instead of running it
+#   REPO_DIR        the repository root; the command runs there, so relative paths are relative
+#                   to it [the folder two levels above this file]
+#   CUDA_DEVICE_MAX_CONNECTIONS  exported to the trainer [1, as Megatron-LM's examples do]
+#
+# Arguments given to a launch script are appended to the trainer's flags; a flag given twice takes
+# the last value, so e.g. `train_single_node.sh --lr 1e-4` overrides the default learning rate.
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+MODEL=${MODEL:-stag2x18-separate}
+DRY_RUN=${DRY_RUN:-0}
+TORCHRUN=${TORCHRUN:-torchrun}
+ENTRY=${ENTRY:--m stag_plugin.train}
+
+# model_args: MODEL_ARGS (shapes, --stag-* flags, schedule) and the per-model defaults.
+model_args() {
+    local paper=(
+        --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 7168 --swiglu
+        --normalization RMSNorm --disable-bias-linear --position-embedding-type rope
+        --seq-length 1024 --max-position-embeddings 1024
+        --lr 3.0e-4 --min-lr 3.0e-5 --lr-warmup-iters 2000 --lr-decay-style cosine
+        --weight-decay 0.1 --clip-grad 1.0
+    )
+    case "$MODEL" in
+        gpt18)
+            MODEL_ARGS=(--num-layers 18 --stag-num-sections 1 --stag-weight-sharing separate
+                        "${paper[@]}")
+            DEFAULT_PP=1 ;;
+        stag2x18-separate)
+            MODEL_ARGS=(--num-layers 36 --stag-num-sections 2 --stag-weight-sharing separate
+                        "${paper[@]}")
+            DEFAULT_PP=2 ;;
+        stag2x18-shared)
+            MODEL_ARGS=(--num-layers 36 --stag-num-sections 2 --stag-weight-sharing shared
+                        "${paper[@]}")
+            DEFAULT_PP=2 ;;
+        tiny)
+            MODEL_ARGS=(--num-layers 4 --stag-num-sections 2 --stag-weight-sharing separate
+                        --hidden-size 128 --num-attention-heads 4 --seq-length 128
+                        --max-position-embeddings 128
+                        --lr 3.0e-3 --min-lr 3.0e-4 --lr-warmup-iters 10)
+            DEFAULT_PP=1 ;;
+        *)
+            die "MODEL='$MODEL' is not one of: gpt18 stag2x18-separate stag2x18-shared tiny" ;;
+    esac
+}
+
+# pick TINY PAPER: the default for MODEL=tiny, or for the paper's shapes.
+pick() {
+    if [[ $MODEL == tiny ]]; then echo "$1"; else echo "$2"; fi
+}
+
+# set_defaults: the training defaults of MODEL for every variable not set in the environment.
+set_defaults() {
+    TP=${TP:-1}
+    PP=${PP:-$DEFAULT_PP}
+    require_positive_int TP "$TP"
+    require_positive_int PP "$PP"
+    MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}
+    GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$(pick 8 1024)}
+    TRAIN_ITERS=${TRAIN_ITERS:-$(pick 100 250000)}
+    VOCAB_SIZE=${VOCAB_SIZE:-$(pick 4096 "")}
+    SAVE_DIR=${SAVE_DIR:-runs/$MODEL}
+    LOAD_DIR=${LOAD_DIR:-$SAVE_DIR}
+    SAVE_INTERVAL=${SAVE_INTERVAL:-$(pick 50 1000)}
+    LOG_INTERVAL=${LOG_INTERVAL:-$(pick 5 10)}
+    EVAL_INTERVAL=${EVAL_INTERVAL:-$(pick 25 1000)}
+    EVAL_ITERS=${EVAL_ITERS:-$(pick 4 50)}
+    BF16=${BF16:-$(pick 0 1)}
+    DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-$(pick 0 1)}
+    SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-$( ((TP > 1)) && echo 1 || echo 0)}
+    DISTRIBUTED_TIMEOUT_MINUTES=${DISTRIBUTED_TIMEOUT_MINUTES:-30}
+}
+
+require_positive_int() {  # name value
+    [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1=$2 must be a positive integer"
+}
+
+# parallel_sizes WORLD: check TP/PP/DP against the launcher's world size; sets DP.
+parallel_sizes() {
+    local world=$1 name
+    for name in MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE; do
+        require_positive_int "$name" "${!name}"
+    done
+    if [[ -n ${DP:-} ]]; then
+        require_positive_int DP "$DP"
+        ((TP * PP * DP == world)) ||
+            die "TP x PP x DP = $TP x $PP x $DP = $((TP * PP * DP)) but the launcher starts" \
+                "$world processes. Fix: change DP, or the node/GPU counts"
+    else
+        ((world % (TP * PP) == 0)) ||
+            die "the world size $world is not a multiple of TP x PP = $((TP * PP))." \
+                "Fix: launch a multiple of it"
+        DP=$((world / (TP * PP)))
+    fi
+    ((GLOBAL_BATCH_SIZE % (MICRO_BATCH_SIZE * DP) == 0)) ||
+        die "GLOBAL_BATCH_SIZE=$GLOBAL_BATCH_SIZE is not a multiple of MICRO_BATCH_SIZE x DP" \
+            "= $MICRO_BATCH_SIZE x $DP. Fix: change one of them"
+    [[ $SEQUENCE_PARALLEL == 1 && $TP == 1 ]] &&
+        die "SEQUENCE_PARALLEL=1 needs TP > 1 (it splits activations over tensor-parallel ranks)"
+    return 0
+}
+
+# build_train_args WORLD: TRAIN_ARGS, every flag the trainer gets (before the script's arguments).
+build_train_args() {
+    model_args
+    set_defaults
+    parallel_sizes "$1"
+    TRAIN_ARGS=(
+        "${MODEL_ARGS[@]}"
+        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+        --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+        --train-iters "$TRAIN_ITERS"
+        --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
+        --save "$SAVE_DIR" --load "$LOAD_DIR" --save-interval "$SAVE_INTERVAL"
+        --distributed-timeout-minutes "$DISTRIBUTED_TIMEOUT_MINUTES"
+    )
+    if [[ -n ${DATA_PATH:-} ]]; then
+        local paths
+        read -ra paths <<<"$DATA_PATH"
+        TRAIN_ARGS+=(--data-path "${paths[@]}")
+    fi
+    [[ -n $VOCAB_SIZE ]] && TRAIN_ARGS+=(--vocab-size "$VOCAB_SIZE")
+    [[ $BF16 == 1 ]] && TRAIN_ARGS+=(--bf16)
+    [[ $DISTRIBUTED_OPTIMIZER == 1 ]] && TRAIN_ARGS+=(--use-distributed-optimizer)
+    [[ $SEQUENCE_PARALLEL == 1 ]] && TRAIN_ARGS+=(--sequence-parallel)
+    # shellcheck disable=SC2034  # ENTRY_ARGS is read by the launch scripts
+    read -ra ENTRY_ARGS <<<"$ENTRY"
+    return 0
+}
+
+# print_command ARGS...: shell-quoted, a flag and its value per line, with `\` continuations.
+print_command() {
+    local arg quoted prev="" out="" words=0
+    for arg in "$@"; do
+        printf -v quoted '%q' "$arg"
+        if ((words == 0)); then
+            out=$quoted
+            words=1
+        elif ((words == 1)) && [[ $prev == -* && $arg != -* ]]; then
+            out+=" $quoted"
+            words=2
+        else
+            out+=$' \\\n    '$quoted
+            words=1
+        fi
+        prev=$arg
+    done
+    printf '%s\n' "$out"
+}
+
+# launch ARGS...: print the command (DRY_RUN=1) or run it from the repository root.
+launch() {
+    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    echo "# MODEL=$MODEL TP=$TP PP=$PP DP=$DP; runs in $REPO_DIR with" \
+         "CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS" >&2
+    if [[ $DRY_RUN == 1 ]]; then
+        print_command "$@"
+        return 0
+    fi
+    cd "$REPO_DIR" || die "cannot cd to REPO_DIR=$REPO_DIR"
+    exec "$@"
+}
