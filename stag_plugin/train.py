@@ -153,7 +153,7 @@ def setup_distributed(tensor_parallel: int, pipeline_parallel: int = 1,
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
-        distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)))
+        distributed_timeout_minutes=timeout_minutes)  # Megatron builds a timedelta from it
 
 
 def set_seed(seed: int) -> None:
