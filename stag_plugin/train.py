@@ -417,9 +417,11 @@ def run_validation(run: Run, bar) -> float:
     loss = evaluate(run.model, run.valid_ds, run.args, run.args.eval_iters)
     run.log.write(iteration=run.iteration, split="valid", loss=loss, ppl=_ppl(loss))
     message = f"iteration {run.iteration}: validation loss {loss:.4f} | ppl {_ppl(loss):.2f}"
+    if not _is_logging_rank():
+        return loss
     if bar is not None:
         bar.write(message)
-    elif _is_logging_rank():
+    else:
         print(message, file=sys.stderr)
     return loss
 
