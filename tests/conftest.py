@@ -1,16 +1,19 @@
-"""Megatron test idiom: one gloo process group per session, parallel state per test."""
+"""Megatron test idiom: one gloo process group and one parallel state (TP = PP = 1) per session.
+
+The state is built once and reused by every test: re-initialising Megatron's parallel state per
+test creates ~30 new gloo process groups each time, which torch never frees (each keeps its own
+threads), so a full run ended with thousands of threads and a crawling machine.
+"""
 
 import pytest
 import torch
 
 from stag_plugin import megatron_compat as compat
-from megatron.core import parallel_state
 
 
 @pytest.fixture(autouse=True)
 def megatron_tp1():
-    """Tensor/pipeline parallel size 1 in this process, set up and torn down around each test."""
+    """Tensor/pipeline parallel size 1 in this process (initialised on first use)."""
     compat.initialize_single_process()
     torch.manual_seed(1234)
     yield
-    parallel_state.destroy_model_parallel()
