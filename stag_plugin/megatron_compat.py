@@ -12,12 +12,14 @@ Contents:
     apply_rope             Megatron's apply_rotary_pos_emb, behind one signature
     model_parallel_rng     the model-parallel RNG fork on CUDA, a no-op on CPU
     initialize_single_process   a world of one process (gloo) for notebooks, probes and tests
+    megatron_lm_pretrain_api    which calling convention Megatron-LM's `pretrain()` has
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 
 import torch
@@ -149,3 +151,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+PRETRAIN_APIS = ("positional", "config")
+
+
+def megatron_lm_pretrain_api(pretrain) -> str:
+    """Which calling convention Megatron-LM's `megatron.training.pretrain` has.
+
+    "positional" (Megatron-LM <= 0.17): `pretrain(train_valid_test_dataset_provider,
+        model_provider, model_type, forward_step_func, ..., extra_args_provider, args_defaults)`;
+        pretrain parses the command line itself.
+    "config" (Megatron-LM >= 0.18): `pretrain(cfg_container, train_valid_test_dataset_provider,
+        ...)`; the caller parses the command line (`parse_and_validate_args`) and builds the
+        container (`pretrain_cfg_container_from_args`). From 0.19 `model_provider` follows
+        `forward_step_func` and is optional, so callers pass every provider by keyword.
+
+    Told from the signature, not a version number: a Megatron-LM checkout on PYTHONPATH need
+    not match the installed megatron-core's version.
+    """
+    params = inspect.signature(pretrain).parameters
+    if "cfg_container" in params:
+        return "config"
+    if "extra_args_provider" in params and "train_valid_test_dataset_provider" in params:
+        return "positional"
+    raise TypeError(
+        f"unrecognised Megatron-LM pretrain{inspect.signature(pretrain)}: expected "
+        "pretrain(train_valid_test_dataset_provider, ..., extra_args_provider=...) (Megatron-LM "
+        "<= 0.17) or pretrain(cfg_container, ...) (>= 0.18). Fix: use a Megatron-LM release "
+        "between core_v0.16.1 and core_v0.19, or extend stag_plugin.megatron_compat")

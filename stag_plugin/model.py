@@ -23,7 +23,7 @@ the token ids when it starts a section, and passes one packed tensor to the next
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor

@@ -20,7 +20,7 @@ Layout decisions live in `stag_plugin.layout`; this module does the communicatio
 from __future__ import annotations
 
 import functools
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ def unpack(tensor: Tensor, streams: Sequence[str]) -> Dict[str, Tensor]:
     return dict(zip(streams, parts))
 
 
-def adjust_tensor_shapes(stage) -> callable:
+def adjust_tensor_shapes(stage) -> Callable:
     """`adjust_tensor_shapes_fn` for Megatron's 1F1B schedule: this stage's receive and send
     shapes, [s, b, n * h] with n the number of streams crossing each boundary."""
 
