@@ -1,0 +1,467 @@
+"""Staggered decoding for a single-process StagGPTModel (STAGFORMER.md section 4).
+
+Small named steps around explicit caches, gpt-fast style:
+
+    StagDecoder(model, max_batch_size, max_sequence_length, mode)   allocates the caches
+    prefill(prompt [b, s])   -> logits [b, vocab]   sections one after another over the prompt
+    step(tokens [b])         -> logits [b, vocab]   every section processes the same new token
+    generate(prompt, n, sampler, stop_tokens)       prefill, then sample / step until done
+
+Positions are explicit: `self.position` is the position of the next token. Token t sits at
+position t in self-attention; in cross-attention its query sits at t + 1 and memory slot j at j
+(slot 0 = learned null memory, slot j = output of section k-1 at token j-1), as in
+stag_plugin.attention.
+
+Caches (views of buffers allocated once, section-major rows so that the batched mode reads one
+[p * b] tensor per layer):
+    self  K/V per layer:        [p * b, groups, max_len, head_dim]    rows k*b..k*b+b: section k
+    cross K/V per layer:        [(p-1) * b, groups, C, head_dim]      rows of sections 1..p-1
+where C = w (the cross-attention window; a ring buffer, slot j at index j % w) or max_len.
+
+Decode step at position t (all sections): section k > 0 cross-attends to its slots 0..t
+(only t-w+1..t with a window), then slot t+1 = section k-1's output at t is appended.
+
+Modes:
+    "sequential"  sections one after another inside each step (the reference decode).
+    "batched"     shared weights only: the p section passes of a step run as one forward over
+                  p * b rows (one weight read per step); cross-attention runs on the rows of
+                  sections 2..p, which share its weights.
+    "recurrent"   shared weights only, p >= 2: prefill as in training, then one pass per token
+                  (the last section's configuration) that cross-attends to its own outputs of
+                  earlier steps (prompt slots stay section p-1's outputs from prefill). Its
+                  logits read that pass alone (no learned combination). Not equal to the
+                  teacher-forced forward, by design.
+
+Every layer is computed with the model's own submodules (norms, linear_qkv, linear_proj,
+StagCrossAttention.project_query/project_memory, mlp, final_layernorm, embedding, output_layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stag_plugin import megatron_compat as compat
+from stag_plugin.attention import cross_attention_mask
+
+MODES = ("sequential", "batched", "recurrent")
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Sampler:
+    """Next-token choice from logits [b, vocab], outside the model.
+
+    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the
+    top_k most likely tokens and to the smallest set whose probability reaches top_p.
+    `seed` makes sampling reproducible (a torch.Generator owned by the sampler).
+    """
+
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"Sampler temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"Sampler top_k={self.top_k} must be None or >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"Sampler top_p={self.top_p} must be None or in (0, 1]")
+        self.generator = None
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """logits [b, vocab] -> token ids [b] (int64, on the logits' device)."""
+        if self.temperature == 0.0:
+            return logits.argmax(dim=-1)
+        scores = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            scores = _top_p_filter(scores, self.top_p)
+        probs = scores.softmax(dim=-1).cpu()  # sampled on the CPU: one generator everywhere
+        tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return tokens.to(logits.device)
+
+
+def _top_p_filter(scores: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of highest-probability tokens whose mass reaches top_p."""
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_scores.softmax(dim=-1) >= top_p  # mass before this token
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+# ---------------------------------------------------------------------------- caches
+
+
+class StagCaches:
+    """Preallocated K/V buffers; `for_batch(b)` gives section-major views for a batch of b."""
+
+    def __init__(self, num_layers: int, num_sections: int, max_batch_size: int, groups: int,
+                 max_len: int, cross_len: int, head_dim: int, dtype, device):
+        self.num_sections, self.groups, self.head_dim = num_sections, groups, head_dim
+        self.max_len, self.cross_len = max_len, cross_len
+        p, later = num_sections, num_sections - 1
+        shape_self = (p * max_batch_size, groups, max_len, head_dim)
+        shape_cross = (later * max_batch_size, groups, cross_len, head_dim)
+        new = dict(dtype=dtype, device=device)
+        self._self = [(torch.zeros(shape_self, **new), torch.zeros(shape_self, **new))
+                      for _ in range(num_layers)]
+        self._cross = [(torch.zeros(shape_cross, **new), torch.zeros(shape_cross, **new))
+                       for _ in range(num_layers if later else 0)]
+        self.self_kv: List[tuple] = []
+        self.cross_kv: List[tuple] = []
+
+    def for_batch(self, batch: int) -> None:
+        """Point self_kv / cross_kv at the first rows of the buffers, laid out as
+        [sections * batch, groups, len, head_dim] (contiguous views, no copy)."""
+        def view(buf: Tensor, rows: int) -> Tensor:
+            shape = (rows,) + tuple(buf.shape[1:])
+            return buf.view(-1)[:rows * buf[0].numel()].view(shape)
+        p = self.num_sections
+        self.self_kv = [(view(k, p * batch), view(v, p * batch)) for k, v in self._self]
+        self.cross_kv = [(view(k, (p - 1) * batch), view(v, (p - 1) * batch))
+                         for k, v in self._cross]
+
+    def nbytes(self) -> dict:
+        count = lambda pairs: sum(t.numel() * t.element_size() for kv in pairs for t in kv)
+        return {"self": count(self._self), "cross": count(self._cross)}
+
+
+# ---------------------------------------------------------------------------- decoder
+
+
+class StagDecoder:
+    """Staggered incremental decoding of a StagGPTModel (tensor/pipeline parallel size 1).
+
+    Args:
+        model: a StagGPTModel with every section on this process; put in eval mode here.
+        max_batch_size: most sequences decoded together.
+        max_sequence_length: most positions (prompt + generated tokens fed back) per sequence.
+        mode: "sequential", "batched" (shared weights) or "recurrent" (shared weights, p >= 2).
+    """
+
+    def __init__(self, model, max_batch_size: int, max_sequence_length: int,
+                 mode: str = "sequential"):
+        config = model.config
+        _check_model(model, config, max_sequence_length, mode)
+        if max_batch_size < 1 or max_sequence_length < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} and max_sequence_length="
+                             f"{max_sequence_length} must both be >= 1")
+        self.model = model.eval()
+        self.config, self.mode = config, mode
+        self.p, self.lps = config.num_sections, config.layers_per_section
+        self.max_batch_size, self.max_len = max_batch_size, max_sequence_length
+        self.window = config.cross_attention_window
+        self.cross_len = max_sequence_length if self.window is None else self.window
+        self.rotary = getattr(model, "rotary_pos_emb", None)
+        attention = model.sections[0].layers[0].self_attention
+        self.head_dim = attention.hidden_size_per_attention_head
+        self.softmax_scale = attention.core_attention.softmax_scale
+        param = model.embedding.word_embeddings.weight
+        self.caches = StagCaches(self.lps, self.p, max_batch_size,
+                                 attention.num_query_groups_per_partition, max_sequence_length,
+                                 self.cross_len, self.head_dim, param.dtype, param.device)
+        self.device = param.device
+        self.batch = 0
+        self.position = 0  # position of the next token; cross caches hold slots 0..position
+
+    def cache_bytes(self) -> dict:
+        """Bytes held by the preallocated caches: {"self": ..., "cross": ...}."""
+        return self.caches.nbytes()
+
+    # ------------------------------------------------------------------ public steps
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Prompt [b, s] -> logits [b, vocab] at its last position; (re)fills every cache.
+
+        Sections run one after another over the whole prompt (as in training)."""
+        batch, length = input_ids.shape
+        if batch > self.max_batch_size:
+            raise ValueError(f"batch of {batch} prompts exceeds max_batch_size="
+                             f"{self.max_batch_size}; build the StagDecoder with a larger one")
+        self._check_room(length, "prompt")
+        self.batch, self.position = batch, 0
+        self.caches.for_batch(batch)
+        x = self._embed(input_ids.to(self.device), start=0)  # [s, b, h]
+        rows = lambda k: slice(k * batch, (k + 1) * batch)
+        outs, mask = [], cross_attention_mask(length, self.window, self.device)
+        for k in range(self.p):
+            memory = None
+            if k > 0:
+                memory = self._prefill_memory(k, outs[-1], mask)
+            outs.append(self._run_section(k, x, rows(k), start=0, memory=memory))
+        self.position = length
+        return self._logits(outs)[-1]
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor) -> Tensor:
+        """One new token per sequence, ids [b] -> logits [b, vocab] for the token after it."""
+        if self.batch == 0:
+            raise ValueError("call prefill(prompt) before step()")
+        if input_ids.shape != (self.batch,):
+            raise ValueError(f"step takes one token per sequence, ids of shape [{self.batch}]; "
+                             f"got {tuple(input_ids.shape)}")
+        self._check_room(self.position + 1, "prompt + generated tokens")
+        t = self.position
+        x = self._embed(input_ids.to(self.device).view(self.batch, 1), start=t)  # [1, b, h]
+        outs = {"sequential": self._step_sequential, "batched": self._step_batched,
+                "recurrent": self._step_recurrent}[self.mode](x, t)
+        self._append_slots(outs, slot=t + 1)
+        self.position += 1
+        return self._logits(outs)[0]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int, sampler: Sampler,
+                 stop_tokens=None) -> List[List[int]]:
+        """Decode up to `max_new_tokens` tokens after each prompt of `prompt_ids` [b, s].
+
+        stop_tokens: None, token ids for every sequence, or one collection per sequence. A
+        sequence ends after emitting a stop token (kept in its list); finished sequences stop
+        growing while the others go on. Returns the new tokens of each sequence."""
+        batch, length = prompt_ids.shape
+        self._check_room(length + max_new_tokens, "prompt + max_new_tokens")
+        stops = _stop_sets(stop_tokens, batch)
+        tokens: List[List[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        logits = self.prefill(prompt_ids)
+        for n in range(max_new_tokens):
+            next_ids = sampler(logits)
+            for i, token in enumerate(next_ids.tolist()):
+                if not done[i]:
+                    tokens[i].append(token)
+                    done[i] = token in stops[i]
+            if all(done) or n == max_new_tokens - 1:
+                break
+            logits = self.step(next_ids)
+        return tokens
+
+    # ------------------------------------------------------------------ step variants
+
+    def _step_sequential(self, x: Tensor, t: int) -> List[Tensor]:
+        b = self.batch
+        return [self._run_section(k, x, slice(k * b, (k + 1) * b), start=t)
+                for k in range(self.p)]
+
+    def _step_batched(self, x: Tensor, t: int) -> List[Tensor]:
+        """All p passes as one forward over p * b rows (shared weights)."""
+        b, p = self.batch, self.p
+        h = x.repeat(1, p, 1)  # [1, p*b, h], section-major rows
+        for i in range(self.lps):
+            layer = self.model.sections[0].layers[i]
+            h = h + self._self_attention(layer, i, h, slice(0, p * b), start=t)
+            if p > 1:
+                cross_layer = self.model.sections[1].layers[i]
+                later = h[:, b:]
+                later = later + self._cached_cross_attention(cross_layer, i, later,
+                                                             slice(0, (p - 1) * b), t)
+                h = torch.cat([h[:, :b], later], dim=1)
+            h = h + _with_bias(layer.mlp(layer.pre_mlp_layernorm(h)))
+        out = self.model.sections[0].final_layernorm(h)  # [1, p*b, h]
+        return list(out.split(b, dim=1))
+
+    def _step_recurrent(self, x: Tensor, t: int) -> List[Tensor]:
+        """One pass (section p's configuration) reading its own earlier outputs as memory."""
+        b, k = self.batch, self.p - 1
+        return [self._run_section(k, x, slice(k * b, (k + 1) * b), start=t)]
+
+    # ------------------------------------------------------------------ sections and layers
+
+    def _run_section(self, k: int, x: Tensor, rows: slice, start: int,
+                     memory: Optional[tuple] = None) -> Tensor:
+        """Section k over tokens x [n, b, h] at positions start..start+n-1 -> output [n, b, h].
+
+        rows: this section's rows of the self caches. Cross-attention (k > 0) reads `memory`
+        (prefill: per-layer (keys, values, mask) over the whole prompt) or the cross caches."""
+        block = self.model.sections[k]
+        b = self.batch
+        cross_rows = slice((k - 1) * b, k * b)
+        for i, layer in enumerate(block.layers):
+            x = x + self._self_attention(layer, i, x, rows, start)
+            if k > 0:
+                if memory is None:
+                    x = x + self._cached_cross_attention(layer, i, x, cross_rows, start)
+                else:
+                    x = x + self._prompt_cross_attention(layer, x, *memory[i])
+            x = x + _with_bias(layer.mlp(layer.pre_mlp_layernorm(x)))
+        return block.final_layernorm(x)
+
+    def _self_attention(self, layer, i: int, x: Tensor, rows: slice, start: int) -> Tensor:
+        """Causal self-attention of x [n, B, h] (positions start..) with cache rows `rows`."""
+        n = x.shape[0]
+        attention = layer.self_attention
+        query, key, value = attention.get_query_key_value_tensors(layer.input_layernorm(x))
+        if self.rotary is not None:  # query, key [n, B, heads|groups, hd]
+            freqs = self.rotary(n, offset=start)
+            query = compat.apply_rope(query, freqs, self.config)
+            key = compat.apply_rope(key, freqs, self.config)
+        cache_k, cache_v = self.caches.self_kv[i]
+        cache_k[rows, :, start:start + n] = key.permute(1, 2, 0, 3)
+        cache_v[rows, :, start:start + n] = value.permute(1, 2, 0, 3)
+        end = start + n
+        mask = None
+        if n > 1:  # query j (position start + j) sees positions <= start + j
+            mask = (torch.arange(end, device=x.device)[None, :]
+                    <= torch.arange(start, end, device=x.device)[:, None])
+        context = self._attend(query, cache_k[rows, :, :end], cache_v[rows, :, :end], mask)
+        return _with_bias(attention.linear_proj(context))
+
+    def _cached_cross_attention(self, layer, i: int, x: Tensor, rows: slice, t: int) -> Tensor:
+        """x [1, B, h] of token t: query at position t + 1 over the cached slots (<= t)."""
+        attention = layer.cross_attention
+        query = attention.project_query(layer.pre_cross_attn_layernorm(x), first_position=t + 1)
+        visible = min(t + 1, self.cross_len)  # ring indices 0..visible-1 hold slots of window
+        cache_k, cache_v = self.caches.cross_kv[i]
+        context = self._attend(query, cache_k[rows, :, :visible], cache_v[rows, :, :visible],
+                               None)
+        return _with_bias(attention.linear_proj(context))
+
+    def _prompt_cross_attention(self, layer, x: Tensor, keys: Tensor, values: Tensor,
+                                mask: Tensor) -> Tensor:
+        """Prefill: x [s, b, h] (queries at positions 1..s) over slots 0..s-1 under `mask`."""
+        attention = layer.cross_attention
+        query = attention.project_query(layer.pre_cross_attn_layernorm(x), first_position=1)
+        context = self._attend(query, keys, values, ~mask[0, 0])
+        return _with_bias(attention.linear_proj(context))
+
+    def _attend(self, query: Tensor, keys: Tensor, values: Tensor,
+                visible: Optional[Tensor]) -> Tensor:
+        """query [n, B, heads, hd], keys/values [B, groups, S, hd], visible [n, S] (True =
+        attend) or None (all) -> context [n, B, heads * hd]."""
+        n, batch, heads, hd = query.shape
+        out = F.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), keys, values, attn_mask=visible,
+            scale=self.softmax_scale, enable_gqa=keys.shape[1] != heads)  # [B, heads, n, hd]
+        return out.permute(2, 0, 1, 3).reshape(n, batch, heads * hd)
+
+    # ------------------------------------------------------------------ memory slots
+
+    def _prefill_memory(self, k: int, previous: Tensor, mask: Tensor) -> list:
+        """Section k's memory over the prompt: per layer (keys, values [b, g, s, hd], mask),
+        slots 0..s-1 for the prompt; slots 0..s go to the cross caches (last C of them)."""
+        length = previous.shape[0]
+        null = self.model.null_memory.to(previous.dtype).view(1, 1, -1)
+        slots = torch.cat([null.expand(1, self.batch, -1), previous], dim=0)  # [s+1, b, h]
+        memory = []
+        for i, layer in enumerate(self.model.sections[k].layers):
+            key, value = layer.cross_attention.project_memory(slots, first_slot=0)
+            key, value = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, g, s+1, hd]
+            self._write_slots(i, k, key, value, first_slot=0)
+            memory.append((key[:, :, :length], value[:, :, :length], mask))
+        return memory
+
+    def _append_slots(self, outs: List[Tensor], slot: int) -> None:
+        """After a step at position slot-1: slot `slot` of section k = output of section k-1
+        (recurrent mode: of the single pass itself)."""
+        for k in range(1, self.p):
+            source = outs[0] if self.mode == "recurrent" else outs[k - 1]  # [1, b, h]
+            if self.mode == "recurrent" and k != self.p - 1:
+                continue
+            for i, layer in enumerate(self.model.sections[k].layers):
+                key, value = layer.cross_attention.project_memory(source, first_slot=slot)
+                self._write_slots(i, k, key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+                                  first_slot=slot)
+
+    def _write_slots(self, i: int, k: int, key: Tensor, value: Tensor, first_slot: int) -> None:
+        """Store slots first_slot.. (key/value [b, g, n, hd]) of section k, layer i: slot j at
+        ring index j % C; only the last C slots are kept, slots >= max_len are never read."""
+        n = key.shape[2]
+        slots = [j for j in range(first_slot, first_slot + n)
+                 if j >= first_slot + n - self.cross_len
+                 and (self.window is not None or j < self.max_len)]
+        if not slots:
+            return
+        index = torch.tensor([j % self.cross_len for j in slots], device=key.device)
+        source = torch.tensor([j - first_slot for j in slots], device=key.device)
+        rows = slice((k - 1) * self.batch, k * self.batch)
+        cache_k, cache_v = self.caches.cross_kv[i]
+        cache_k[rows].index_copy_(2, index, key.index_select(2, source))
+        cache_v[rows].index_copy_(2, index, value.index_select(2, source))
+
+    # ------------------------------------------------------------------ embedding and head
+
+    def _embed(self, input_ids: Tensor, start: int) -> Tensor:
+        """ids [b, n] at positions start.. -> [n, b, h]."""
+        batch, n = input_ids.shape
+        positions = torch.arange(start, start + n, device=input_ids.device)
+        return self.model.embedding(input_ids=input_ids,
+                                    position_ids=positions.unsqueeze(0).expand(batch, n))
+
+    def _logits(self, outs: List[Tensor]) -> Tensor:
+        """Section outputs [n, b, h] -> logits [n, b, vocab] (learned combination or last)."""
+        model = self.model
+        if self.config.output_combination == "learned" and self.mode != "recurrent":
+            hidden = sum(model.combination_weights[k].to(out.dtype) * out
+                         for k, out in enumerate(outs))
+        else:
+            hidden = outs[-1]
+        logits, _ = model.output_layer(hidden, weight=model._output_weight())
+        return logits
+
+    def _check_room(self, length: int, what: str) -> None:
+        if length > self.max_len:
+            raise ValueError(f"{what} needs {length} positions but the decoder holds "
+                             f"max_sequence_length={self.max_len}; shorten the input, ask for "
+                             f"fewer new tokens, or build the StagDecoder with a larger "
+                             f"max_sequence_length")
+
+
+def _with_bias(output_and_bias) -> Tensor:
+    """Megatron modules return (output, bias or None); bias-dropout-add in eval adds both."""
+    output, bias = output_and_bias
+    return output if bias is None else output + bias
+
+
+def _stop_sets(stop_tokens, batch: int) -> List[set]:
+    if stop_tokens is None:
+        return [set() for _ in range(batch)]
+    stop_tokens = list(stop_tokens)
+    if all(isinstance(s, int) for s in stop_tokens):
+        return [set(stop_tokens) for _ in range(batch)]
+    if len(stop_tokens) != batch:
+        raise ValueError(f"stop_tokens: give token ids for every sequence, or one collection "
+                         f"per sequence ({batch}); got {len(stop_tokens)} collections")
+    return [set(s) for s in stop_tokens]
+
+
+def _check_model(model, config, max_sequence_length: int, mode: str) -> None:
+    """Refuse what this engine cannot decode, saying what to do instead."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
+        raise ValueError(
+            f"StagDecoder decodes a single-process model; this one has tensor_model_parallel_size"
+            f"={config.tensor_model_parallel_size}, pipeline_model_parallel_size="
+            f"{config.pipeline_model_parallel_size}. Fix: load the checkpoint into a model built "
+            "with both sizes 1 (distributed checkpoints reshard on load)")
+    shared = config.weight_sharing == "shared"
+    if mode in ("batched", "recurrent") and not shared:
+        raise ValueError(f"mode={mode!r} needs shared section weights (weight_sharing='shared'); "
+                         f"this model has weight_sharing={config.weight_sharing!r}. Fix: use "
+                         "mode='sequential'")
+    if mode == "recurrent" and config.num_sections < 2:
+        raise ValueError("mode='recurrent' needs num_sections >= 2 (it reuses the "
+                         "cross-attention of sections 2..p); use mode='sequential'")
+    unsupported = {"apply_residual_connection_post_layernorm":
+                   config.apply_residual_connection_post_layernorm,
+                   "sequence_parallel": config.sequence_parallel}
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise ValueError(f"StagDecoder does not implement {bad}; set them to False")
+    if (config.position_embedding_type == "learned_absolute"
+            and max_sequence_length > model.max_sequence_length):
+        raise ValueError(f"max_sequence_length={max_sequence_length} exceeds the model's "
+                         f"learned positions ({model.max_sequence_length}); use at most that")

@@ -1,0 +1,215 @@
+"""StagDecoder (stag_plugin.inference) against the teacher-forced forward of the same model:
+prefill + one step per token must give the logits of `model(tokens, positions)` at every
+position (fp32, max abs difference < 1e-4) for every variant, mode and prompt length."""
+
+import copy
+import itertools
+import types
+
+import pytest
+import torch
+
+from stag_plugin.attention import cross_attention_mask
+from stag_plugin.inference import Sampler, StagDecoder
+from stag_testing import build_model, fresh_seed, random_tokens, tiny_config, variant_id
+
+LENGTH = 12  # tokens per test sequence
+PROMPTS = (1, 5)  # a single token, and longer than every window tested
+
+GRID = [dict(num_sections=1)] + [
+    dict(num_sections=p, weight_sharing=w, cross_attention_window=win)
+    for p, w, win in itertools.product((2, 3), ("separate", "shared"), (1, 3, None))
+]
+EXTRA = [
+    dict(num_sections=2, num_query_groups=2, gated_linear_unit=True),
+    dict(num_sections=3, num_query_groups=1, weight_sharing="shared", cross_attention_window=2,
+         output_combination="learned"),
+    dict(num_sections=3, output_combination="learned", cross_attention_window=3),
+    dict(num_sections=2, cross_attention_rope=False),
+    dict(num_sections=2, position_embedding_type="learned_absolute", cross_attention_rope=False),
+    dict(num_sections=2, normalization="RMSNorm", add_bias_linear=False),
+    dict(num_sections=2, rotary_percent=0.5, kv_channels=32),
+    dict(num_sections=2, qk_layernorm=True, weight_sharing="shared"),
+]
+
+
+def modes_for(variant):
+    return ("sequential", "batched") if variant.get("weight_sharing") == "shared" else (
+        "sequential",)
+
+
+def decode_logits(decoder, tokens, prompt):
+    """Prefill tokens[:, :prompt], then step through the rest -> logits [b, n, vocab] for
+    positions prompt-1 .. n-1."""
+    logits = [decoder.prefill(tokens[:, :prompt])]
+    for t in range(prompt, tokens.shape[1]):
+        logits.append(decoder.step(tokens[:, t]))
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("variant", GRID + EXTRA, ids=variant_id)
+def test_decode_matches_teacher_forced_forward(variant):
+    seed = fresh_seed()
+    model = build_model(tiny_config(**variant), seed=seed % 1000)
+    tokens, positions = random_tokens(2, LENGTH, seed)
+    with torch.no_grad():
+        expected = model(tokens, positions)  # [b, s, vocab]
+    for mode, prompt in itertools.product(modes_for(variant), PROMPTS):
+        decoder = StagDecoder(model, max_batch_size=2, max_sequence_length=16, mode=mode)
+        got = decode_logits(decoder, tokens, prompt)
+        diff = (got - expected[:, prompt - 1:]).abs().max().item()
+        assert diff < 1e-4, f"seed {seed}, mode {mode}, prompt {prompt}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("variant", [dict(num_sections=2), dict(num_sections=3,
+                         weight_sharing="shared", cross_attention_window=1)], ids=variant_id)
+def test_greedy_tokens_match_teacher_forced_argmax(variant):
+    seed = fresh_seed()
+    model = build_model(tiny_config(**variant), perturb=0.5, seed=seed % 1000)
+    prompt, _ = random_tokens(2, 4, seed)
+    for mode in modes_for(variant):
+        decoder = StagDecoder(model, max_batch_size=2, max_sequence_length=16, mode=mode)
+        new = torch.tensor(decoder.generate(prompt, 8, Sampler()))  # [b, 8]
+        full = torch.cat([prompt, new], dim=1)
+        positions = torch.arange(full.shape[1]).expand_as(full)
+        with torch.no_grad():
+            argmax = model(full, positions).argmax(dim=-1)[:, 3:-1]
+        assert torch.equal(new, argmax), f"seed {seed}, mode {mode}"
+
+
+def test_batched_equals_sequential():
+    seed = fresh_seed()
+    model = build_model(tiny_config(num_sections=3, weight_sharing="shared",
+                                    output_combination="learned"), seed=seed % 1000)
+    tokens, _ = random_tokens(2, LENGTH, seed)
+    results = [decode_logits(StagDecoder(model, 2, 16, mode=mode), tokens, 3)
+               for mode in ("sequential", "batched")]
+    assert (results[0] - results[1]).abs().max().item() < 1e-5, f"seed {seed}"
+
+
+def test_smaller_batch_than_allocated_and_untied_head():
+    seed = fresh_seed()
+    model = build_model(tiny_config(num_sections=2, weight_sharing="shared",
+                                    cross_attention_window=2, output_combination="learned"),
+                        seed=seed % 1000, share_embeddings_and_output_weights=False)
+    tokens, positions = random_tokens(1, LENGTH, seed)
+    with torch.no_grad():
+        expected = model(tokens, positions)
+    for mode in ("sequential", "batched"):
+        decoder = StagDecoder(model, max_batch_size=3, max_sequence_length=LENGTH, mode=mode)
+        diff = (decode_logits(decoder, tokens, 4) - expected[:, 3:]).abs().max().item()
+        assert diff < 1e-4, f"seed {seed}, mode {mode}: {diff}"
+
+
+def test_cross_cache_size_is_fixed_by_the_window():
+    def sizes(window, max_len):
+        model = build_model(tiny_config(num_sections=2, cross_attention_window=window))
+        return StagDecoder(model, 2, max_len).cache_bytes()
+
+    short, long = sizes(1, 16), sizes(1, 64)
+    assert long["cross"] == short["cross"] > 0
+    assert long["self"] == 4 * short["self"]
+    # 2 layers x (K, V) x batch 2 x 4 groups x 1 slot x 16 dims x 4 bytes
+    assert short["cross"] == 2 * 2 * 2 * 4 * 1 * 16 * 4
+    assert sizes(None, 64)["cross"] == 4 * sizes(None, 16)["cross"]
+    plain = build_model(tiny_config(num_sections=1))
+    assert StagDecoder(plain, 2, 16).cache_bytes()["cross"] == 0
+
+
+def test_generate_stops_each_sequence_at_its_own_stop_token():
+    seed = fresh_seed()
+    model = build_model(tiny_config(num_sections=2, cross_attention_window=3), perturb=0.5,
+                        seed=seed % 1000)
+    prompt, _ = random_tokens(2, 3, seed)
+    decoder = StagDecoder(model, 2, 16)
+    free = decoder.generate(prompt, 10, Sampler(temperature=1.0, seed=seed))
+    assert [len(seq) for seq in free] == [10, 10]
+    first, second = free
+    # seq 0 stops at its first token, seq 1 at the last token that is new in its list.
+    stop_at = max(j for j in range(10) if second.index(second[j]) == j)
+    stops = [{first[0]}, {second[stop_at]}]
+    stopped = decoder.generate(prompt, 10, Sampler(temperature=1.0, seed=seed), stops)
+    assert stopped == [first[:1], second[:stop_at + 1]], f"seed {seed}"
+    shared = decoder.generate(prompt, 10, Sampler(temperature=1.0, seed=seed), [first[0]])
+    assert shared[0] == first[:1]
+    expected = second[:second.index(first[0]) + 1] if first[0] in second else second
+    assert shared[1] == expected
+
+
+def test_sampler():
+    logits = torch.randn(4, 96, generator=torch.Generator().manual_seed(fresh_seed()))
+    greedy = logits.argmax(dim=-1)
+    assert torch.equal(Sampler()(logits), greedy)
+    assert torch.equal(Sampler(temperature=1.0, top_k=1, seed=1)(logits), greedy)
+    assert torch.equal(Sampler(temperature=1.0, top_p=1e-6, seed=1)(logits), greedy)
+    first = [Sampler(temperature=0.8, top_k=20, top_p=0.9, seed=7)(logits) for _ in range(2)]
+    assert torch.equal(first[0], first[1])
+    top5 = logits.topk(5, dim=-1).indices
+    sampled = Sampler(temperature=2.0, top_k=5, seed=3)(logits)
+    assert (top5 == sampled[:, None]).any(dim=-1).all()
+    with pytest.raises(ValueError, match="top_p"):
+        Sampler(temperature=1.0, top_p=1.5)
+
+
+def test_recurrent_mode_reads_its_own_outputs():
+    """Recurrent decode against a direct computation with section 2's block: memory slots of
+    the prompt come from section 1, later slots from the pass's own earlier outputs."""
+    seed = fresh_seed()
+    model = build_model(tiny_config(num_sections=2, weight_sharing="shared"), seed=seed % 1000)
+    tokens, positions = random_tokens(2, 8, seed)
+    prompt = 3
+    decoder = StagDecoder(model, 2, 16, mode="recurrent")
+    got = decode_logits(decoder, tokens, prompt)  # positions 2..7
+    with torch.no_grad():
+        embedded = model.embedding(input_ids=tokens, position_ids=positions)  # [s, b, h]
+        rotary = model.rotary_pos_emb(8)
+        first = model.sections[0](hidden_states=embedded, attention_mask=None,
+                                  rotary_pos_emb=rotary)
+        null = model.null_memory.view(1, 1, -1).expand(1, 2, -1)
+        memory = torch.cat([null, first[:prompt]], dim=0)  # slots 0..prompt
+        expected = []
+        for t in range(prompt - 1, 8):
+            n = t + 1
+            out = model.sections[1](hidden_states=embedded[:n], attention_mask=None,
+                                    rotary_pos_emb=rotary[:n], context=memory[:n],
+                                    context_mask=cross_attention_mask(n, None, tokens.device))
+            logits, _ = model.output_layer(out[-1:], weight=model._output_weight())
+            expected.append(logits[0])
+            if t >= prompt:
+                memory = torch.cat([memory, out[-1:]], dim=0)  # own output at t -> slot t+1
+    expected = torch.stack(expected, dim=1)
+    assert (got - expected).abs().max().item() < 1e-4, f"seed {seed}"
+    # Prefill is as in training; later steps differ from the staggered decode by design.
+    sequential = decode_logits(StagDecoder(model, 2, 16), tokens, prompt)
+    assert torch.allclose(got[:, :2], sequential[:, :2], atol=1e-5)
+
+
+def test_clear_errors():
+    separate = build_model(tiny_config(num_sections=2))
+    for mode in ("batched", "recurrent"):
+        with pytest.raises(ValueError, match="weight_sharing='shared'.*mode='sequential'"):
+            StagDecoder(separate, 2, 16, mode=mode)
+    with pytest.raises(ValueError, match="not one of"):
+        StagDecoder(separate, 2, 16, mode="parallel")
+    plain = build_model(tiny_config(num_sections=1, weight_sharing="shared"))
+    with pytest.raises(ValueError, match="num_sections >= 2"):
+        StagDecoder(plain, 2, 16, mode="recurrent")
+    fake = types.SimpleNamespace(config=copy.copy(separate.config))
+    fake.config.tensor_model_parallel_size = 2
+    with pytest.raises(ValueError, match="single-process.*both sizes 1"):
+        StagDecoder(fake, 2, 16)
+    decoder = StagDecoder(separate, 2, 8)
+    with pytest.raises(ValueError, match="before step"):
+        decoder.step(torch.zeros(2, dtype=torch.long))
+    tokens, _ = random_tokens(3, 9, 0)
+    with pytest.raises(ValueError, match="max_sequence_length=8.*larger"):
+        decoder.prefill(tokens[:2])
+    with pytest.raises(ValueError, match="max_batch_size"):
+        decoder.prefill(tokens[:, :4])
+    with pytest.raises(ValueError, match="prompt \\+ max_new_tokens needs 10"):
+        decoder.generate(tokens[:2, :4], 6, Sampler())
+    decoder.prefill(tokens[:2, :8])
+    with pytest.raises(ValueError, match="needs 9 positions"):
+        decoder.step(tokens[:2, 0])
+    with pytest.raises(ValueError, match="one token per sequence"):
+        decoder.step(tokens[:1, 0])
