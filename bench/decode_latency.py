@@ -1,0 +1,176 @@
+"""Per-token decode latency of StagFormer against a plain GPT of the same depth (CPU or GPU).
+
+    python bench/decode_latency.py --size 30m --out bench/results/decode_30m.json
+    python bench/decode_latency.py --size 100m --contexts 128 512 1024
+
+For each context length c (batch 1): prefill a random prompt of c - 1 tokens, then decode
+`--steps` tokens after `--warmup` untimed ones; report the median per-token latency, tokens/s,
+prefill time and cache bytes (self / cross). Variants, same hidden size, all in one process using
+every core (`torch.get_num_threads()`), timed in alternation (round-robin over variants and
+repeats) so that machine drift hits all of them alike:
+
+    gpt-L             plain GPT, L layers (the baseline; p = 1 through the same engine)
+    gpt-L/2           plain GPT, L/2 layers (the ideal a 2-section StagFormer can approach)
+    stag-sep-seq      StagFormer 2 x L/2, separate weights, sections one after another
+    stag-shared-seq   StagFormer 2 x L/2, shared weights, sequential
+    stag-shared-bat   shared weights, both sections of a step as one batch-2 forward
+    stag-recurrent    shared weights, one pass per token over its own earlier outputs
+
+The headline column is each variant's latency ratio to gpt-L (speed-up = gpt-L / variant).
+Weights are random: latency does not depend on them. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {  # hidden, heads, total layers L (StagFormer: 2 sections of L/2)
+    "tiny": dict(hidden=64, heads=4, layers=4, vocab=512),
+    "30m": dict(hidden=512, heads=8, layers=8, vocab=8192),
+    "100m": dict(hidden=768, heads=12, layers=12, vocab=8192),
+}
+VARIANTS = ("gpt-L", "gpt-L/2", "stag-sep-seq", "stag-shared-seq", "stag-shared-bat",
+            "stag-recurrent")
+
+
+def build(variant: str, size: dict, max_len: int):
+    from stag_plugin.config import StagFormerConfig
+    from stag_plugin.model import StagGPTModel
+
+    layers = size["layers"]
+    sections, sharing, mode = {
+        "gpt-L": (1, "separate", "sequential"),
+        "gpt-L/2": (1, "separate", "sequential"),
+        "stag-sep-seq": (2, "separate", "sequential"),
+        "stag-shared-seq": (2, "shared", "sequential"),
+        "stag-shared-bat": (2, "shared", "batched"),
+        "stag-recurrent": (2, "shared", "recurrent"),
+    }[variant]
+    if variant == "gpt-L/2":
+        layers //= 2
+    config = StagFormerConfig(
+        num_layers=layers, hidden_size=size["hidden"], num_attention_heads=size["heads"],
+        num_sections=sections, weight_sharing=sharing, hidden_dropout=0.0,
+        attention_dropout=0.0, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    model = StagGPTModel(config, vocab_size=size["vocab"], max_sequence_length=max_len).eval()
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return model, mode, params
+
+
+def measure(decoder, context: int, steps: int, warmup: int, vocab: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, context - warmup - steps), generator=generator)
+    start = time.perf_counter()
+    logits = decoder.prefill(prompt)
+    prefill = time.perf_counter() - start
+    token = logits.argmax(-1)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        token = decoder.step(token).argmax(-1)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"prefill_s": prefill, "step_s": times}
+
+
+def run(args) -> dict:
+    from stag_plugin import megatron_compat as compat
+    from stag_plugin.inference import StagDecoder
+
+    compat.initialize_single_process()
+    size = SIZES[args.size]
+    max_len = max(args.contexts)
+    models = {v: build(v, size, max_len) for v in args.variants}
+    results = {v: {c: {"prefill_s": [], "step_s": []} for c in args.contexts}
+               for v in args.variants}
+    cache = {}
+    for repeat in range(args.repeats):
+        for context in args.contexts:
+            for variant in args.variants:  # alternate: drift affects every variant alike
+                model, mode, _ = models[variant]
+                decoder = StagDecoder(model, 1, context, mode=mode)
+                got = measure(decoder, context, args.steps, args.warmup, size["vocab"],
+                              seed=repeat)
+                results[variant][context]["prefill_s"].append(got["prefill_s"])
+                results[variant][context]["step_s"] += got["step_s"]
+                cache[(variant, context)] = decoder.cache_bytes()
+                print(f"  repeat {repeat + 1}/{args.repeats} context {context:>5} {variant:<16} "
+                      f"{statistics.median(got['step_s']) * 1e3:8.2f} ms/token",
+                      file=sys.stderr, flush=True)
+    return summarize(args, size, models, results, cache)
+
+
+def summarize(args, size, models, results, cache) -> dict:
+    rows = []
+    for context in args.contexts:
+        base = statistics.median(results["gpt-L"][context]["step_s"]) if "gpt-L" in results \
+            else None
+        for variant in args.variants:
+            step = statistics.median(results[variant][context]["step_s"])
+            rows.append(dict(
+                variant=variant, context=context, parameters=models[variant][2],
+                mode=models[variant][1], ms_per_token=step * 1e3, tokens_per_s=1.0 / step,
+                prefill_ms=statistics.median(results[variant][context]["prefill_s"]) * 1e3,
+                cache_self_bytes=cache[(variant, context)]["self"],
+                cache_cross_bytes=cache[(variant, context)]["cross"],
+                speedup_vs_gpt_L=(base / step) if base else None))
+    return {"size": args.size, "shape": size, "threads": torch.get_num_threads(),
+            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+            "machine": machine(), "rows": rows}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def table(report: dict) -> str:
+    head = (f"{'variant':<16} {'ctx':>5} {'params':>10} {'ms/token':>9} {'tok/s':>7} "
+            f"{'prefill ms':>10} {'self KB':>9} {'cross KB':>9} {'speed-up':>8}")
+    lines = [head, "-" * len(head)]
+    for r in report["rows"]:
+        speed = f"{r['speedup_vs_gpt_L']:.2f}x" if r["speedup_vs_gpt_L"] else "-"
+        lines.append(f"{r['variant']:<16} {r['context']:>5} {r['parameters']:>10,} "
+                     f"{r['ms_per_token']:>9.2f} {r['tokens_per_s']:>7.1f} "
+                     f"{r['prefill_ms']:>10.1f} {r['cache_self_bytes'] / 1024:>9.0f} "
+                     f"{r['cache_cross_bytes'] / 1024:>9.0f} {speed:>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="30m")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="JSON report")
+    args = parser.parse_args(argv)
+    if min(args.contexts) <= args.steps + args.warmup:
+        parser.error("each context must exceed --steps + --warmup (the prompt is the rest)")
+    from stag_plugin.cpu_compat import quiet_known_warnings
+
+    quiet_known_warnings()
+    report = run(args)
+    print(table(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
