@@ -31,6 +31,18 @@ Modes:
                   earlier steps (prompt slots stay section p-1's outputs from prefill). Its
                   logits read that pass alone (no learned combination). Not equal to the
                   teacher-forced forward, by design.
+    "pipeline"    a model built under pipeline parallelism with one whole section per stage
+                  (pipeline size = num_sections, tensor parallel size 1; output_combination
+                  "last"), one StagDecoder per rank, every rank calling the same methods with the
+                  same token ids. Sequential mode restricted to this rank's section, plus
+                  point-to-point messages on the pipeline group: prefill runs the stages one
+                  after another (stage k receives section k-1's outputs over the prompt, fills
+                  its caches, sends its own outputs on); in the step at position t every stage
+                  first appends slot t (section k-1's output at t-1, sent during the previous
+                  step), runs token t, and sends its output to the next stage without waiting
+                  (isend). Only the last stage returns logits (others None); `generate` samples
+                  there and broadcasts the token over the pipeline group. `finish()` settles the
+                  messages of the last step (generate and prefill call it).
 
 Every layer is computed with the model's own submodules (norms, linear_qkv, linear_proj,
 StagCrossAttention.project_query/project_memory, mlp, final_layernorm, embedding, output_layer).
@@ -45,10 +57,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import torch.distributed as dist
+
 from stag_plugin import megatron_compat as compat
 from stag_plugin.attention import cross_attention_mask
 
-MODES = ("sequential", "batched", "recurrent")
+MODES = ("sequential", "batched", "recurrent", "pipeline")
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -110,10 +124,15 @@ class StagCaches:
     """Preallocated K/V buffers; `for_batch(b)` gives section-major views for a batch of b."""
 
     def __init__(self, num_layers: int, num_sections: int, max_batch_size: int, groups: int,
-                 max_len: int, cross_len: int, head_dim: int, dtype, device):
+                 max_len: int, cross_len: int, head_dim: int, dtype, device,
+                 cross_sections: Optional[int] = None):
+        """cross_sections: sections with cross-attention caches (default num_sections - 1)."""
         self.num_sections, self.groups, self.head_dim = num_sections, groups, head_dim
         self.max_len, self.cross_len = max_len, cross_len
-        p, later = num_sections, num_sections - 1
+        if cross_sections is None:
+            cross_sections = num_sections - 1
+        self.cross_sections = cross_sections
+        p, later = num_sections, cross_sections
         shape_self = (p * max_batch_size, groups, max_len, head_dim)
         shape_cross = (later * max_batch_size, groups, cross_len, head_dim)
         new = dict(dtype=dtype, device=device)
@@ -130,9 +149,9 @@ class StagCaches:
         def view(buf: Tensor, rows: int) -> Tensor:
             shape = (rows,) + tuple(buf.shape[1:])
             return buf.view(-1)[:rows * buf[0].numel()].view(shape)
-        p = self.num_sections
+        p, later = self.num_sections, self.cross_sections
         self.self_kv = [(view(k, p * batch), view(v, p * batch)) for k, v in self._self]
-        self.cross_kv = [(view(k, (p - 1) * batch), view(v, (p - 1) * batch))
+        self.cross_kv = [(view(k, later * batch), view(v, later * batch))
                          for k, v in self._cross]
 
     def nbytes(self) -> dict:
@@ -144,13 +163,16 @@ class StagCaches:
 
 
 class StagDecoder:
-    """Staggered incremental decoding of a StagGPTModel (tensor/pipeline parallel size 1).
+    """Staggered incremental decoding of a StagGPTModel (tensor/pipeline parallel size 1, or
+    mode "pipeline": one section per pipeline stage).
 
     Args:
-        model: a StagGPTModel with every section on this process; put in eval mode here.
+        model: a StagGPTModel with every section on this process (mode "pipeline": this
+            rank's stage of it); put in eval mode here.
         max_batch_size: most sequences decoded together.
         max_sequence_length: most positions (prompt + generated tokens fed back) per sequence.
-        mode: "sequential", "batched" (shared weights) or "recurrent" (shared weights, p >= 2).
+        mode: "sequential", "batched" (shared weights), "recurrent" (shared weights, p >= 2)
+            or "pipeline" (pipeline size = num_sections; see the module docstring).
     """
 
     def __init__(self, model, max_batch_size: int, max_sequence_length: int,
@@ -171,9 +193,17 @@ class StagDecoder:
         self.head_dim = attention.hidden_size_per_attention_head
         self.softmax_scale = attention.core_attention.softmax_scale
         param = model.embedding.word_embeddings.weight
-        self.caches = StagCaches(self.lps, self.p, max_batch_size,
+        self.pipelined = mode == "pipeline"
+        # Sections run on this process (global indices), and their rows in the caches.
+        local = model.stage.sections if self.pipelined else tuple(range(self.p))
+        self._local = {k: j for j, k in enumerate(local)}
+        self._cross = {k: j for j, k in enumerate(k for k in local if k > 0)}
+        self.caches = StagCaches(self.lps, len(local), max_batch_size,
                                  attention.num_query_groups_per_partition, max_sequence_length,
-                                 self.cross_len, self.head_dim, param.dtype, param.device)
+                                 self.cross_len, self.head_dim, param.dtype, param.device,
+                                 cross_sections=len(self._cross))
+        if self.pipelined:
+            self._setup_pipeline(local[0])
         self.device = param.device
         self.batch = 0
         self.position = 0  # position of the next token; cross caches hold slots 0..position
@@ -194,11 +224,14 @@ class StagDecoder:
             raise ValueError(f"batch of {batch} prompts exceeds max_batch_size="
                              f"{self.max_batch_size}; build the StagDecoder with a larger one")
         self._check_room(length, "prompt")
+        self.finish()
         self.batch, self.position = batch, 0
         self.caches.for_batch(batch)
         x = self._embed(input_ids.to(self.device), start=0)  # [s, b, h]
         rows = lambda k: slice(k * batch, (k + 1) * batch)
         outs, mask = [], cross_attention_mask(length, self.window, self.device)
+        if self.pipelined:
+            return self._prefill_pipeline(x, mask)
         for k in range(self.p):
             memory = None
             if k > 0:
@@ -209,7 +242,8 @@ class StagDecoder:
 
     @torch.no_grad()
     def step(self, input_ids: Tensor) -> Tensor:
-        """One new token per sequence, ids [b] -> logits [b, vocab] for the token after it."""
+        """One new token per sequence, ids [b] -> logits [b, vocab] for the token after it
+        (mode "pipeline": on the last stage; None elsewhere)."""
         if self.batch == 0:
             raise ValueError("call prefill(prompt) before step()")
         if input_ids.shape != (self.batch,):
@@ -218,6 +252,10 @@ class StagDecoder:
         self._check_room(self.position + 1, "prompt + generated tokens")
         t = self.position
         x = self._embed(input_ids.to(self.device).view(self.batch, 1), start=t)  # [1, b, h]
+        if self.pipelined:
+            outs = self._step_pipeline(x, t)
+            self.position += 1
+            return self._logits(outs)[0] if self.is_last else None
         outs = {"sequential": self._step_sequential, "batched": self._step_batched,
                 "recurrent": self._step_recurrent}[self.mode](x, t)
         self._append_slots(outs, slot=t + 1)
@@ -231,7 +269,10 @@ class StagDecoder:
 
         stop_tokens: None, token ids for every sequence, or one collection per sequence. A
         sequence ends after emitting a stop token (kept in its list); finished sequences stop
-        growing while the others go on. Returns the new tokens of each sequence."""
+        growing while the others go on. Returns the new tokens of each sequence.
+
+        Mode "pipeline": call it on every rank with the same arguments; the last stage samples
+        and broadcasts each token, and every rank returns the same tokens."""
         batch, length = prompt_ids.shape
         self._check_room(length + max_new_tokens, "prompt + max_new_tokens")
         stops = _stop_sets(stop_tokens, batch)
@@ -239,7 +280,7 @@ class StagDecoder:
         done = [False] * batch
         logits = self.prefill(prompt_ids)
         for n in range(max_new_tokens):
-            next_ids = sampler(logits)
+            next_ids = self._next_tokens(logits, sampler, batch)
             for i, token in enumerate(next_ids.tolist()):
                 if not done[i]:
                     tokens[i].append(token)
@@ -247,6 +288,84 @@ class StagDecoder:
             if all(done) or n == max_new_tokens - 1:
                 break
             logits = self.step(next_ids)
+        self.finish()
+        return tokens
+
+    def finish(self) -> None:
+        """Mode "pipeline": wait for the messages still in flight (the outputs of the last step
+        sent to the next stage); other modes: nothing. Called by prefill and generate; call it
+        after a run of `step`s before dropping the decoder."""
+        if not self.pipelined:
+            return
+        if self._pending_recv is not None:
+            self._pending_recv[0].wait()
+            self._pending_recv = None
+        for handle, _ in self._pending_sends:
+            handle.wait()
+        self._pending_sends = []
+
+    # ------------------------------------------------------------------ pipeline mode
+
+    def _setup_pipeline(self, section: int) -> None:
+        from megatron.core import parallel_state
+
+        self.section = section
+        self.is_last = section == self.p - 1
+        self._group = parallel_state.get_pipeline_model_parallel_group()
+        self._next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
+        self._prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
+        self._last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+        self._dtype = self.model.embedding.word_embeddings.weight.dtype
+        self._pending_recv = None  # (work, buffer): section k-1's output of the last step
+        self._pending_sends: list = []  # (work, tensor) in flight to the next stage
+
+    def _prefill_pipeline(self, x: Tensor, mask: Tensor) -> Optional[Tensor]:
+        """This stage's section over the prompt x [s, b, h]: receive section k-1's outputs
+        (k > 0), fill the caches, send this section's outputs on (not on the last stage)."""
+        k, length = self.section, x.shape[0]
+        memory = None
+        if k > 0:
+            previous = torch.empty(length, self.batch, self.config.hidden_size,
+                                   dtype=self._dtype, device=self.device)
+            dist.recv(previous, src=self._prev_rank, group=self._group)
+            memory = self._prefill_memory(k, previous, mask)
+        out = self._run_section(k, x, self._self_rows(k), start=0, memory=memory)
+        if not self.is_last:
+            dist.send(out.contiguous(), dst=self._next_rank, group=self._group)
+        self.position = length
+        return self._logits([out])[-1] if self.is_last else None
+
+    def _step_pipeline(self, x: Tensor, t: int) -> List[Tensor]:
+        """Token t on this stage: append slot t (section k-1's output at t-1, received from
+        the previous step's message), run the section, isend its output to the next stage."""
+        k = self.section
+        if self._pending_recv is not None:  # none right after prefill: it filled slot t
+            work, previous = self._pending_recv
+            work.wait()
+            self._pending_recv = None
+            self._append_memory(k, previous, slot=t)
+        out = self._run_section(k, x, self._self_rows(k), start=t)
+        if not self.is_last:
+            self._pending_sends = [(w, o) for w, o in self._pending_sends if not w.is_completed()]
+            out = out.contiguous()
+            self._pending_sends.append(
+                (dist.isend(out, dst=self._next_rank, group=self._group), out))
+        if k > 0:  # section k-1's output at t: slot t + 1, appended by the next step
+            buffer = torch.empty(1, self.batch, self.config.hidden_size, dtype=self._dtype,
+                                 device=self.device)
+            self._pending_recv = (dist.irecv(buffer, src=self._prev_rank, group=self._group),
+                                  buffer)
+        return [out]
+
+    def _next_tokens(self, logits: Optional[Tensor], sampler: Sampler, batch: int) -> Tensor:
+        """The sampler's choice; mode "pipeline": made on the last stage, broadcast to all."""
+        if not self.pipelined:
+            return sampler(logits)
+        if self.is_last:
+            tokens = sampler(logits).to(torch.int64).contiguous()
+        else:
+            tokens = torch.empty(batch, dtype=torch.int64, device=self.device)
+        dist.broadcast(tokens, src=self._last_rank, group=self._group)
         return tokens
 
     # ------------------------------------------------------------------ step variants
@@ -286,9 +405,8 @@ class StagDecoder:
 
         rows: this section's rows of the self caches. Cross-attention (k > 0) reads `memory`
         (prefill: per-layer (keys, values, mask) over the whole prompt) or the cross caches."""
-        block = self.model.sections[k]
-        b = self.batch
-        cross_rows = slice((k - 1) * b, k * b)
+        block = self._block(k)
+        cross_rows = self._cross_rows(k) if k > 0 else None
         for i, layer in enumerate(block.layers):
             x = x + self._self_attention(layer, i, x, rows, start)
             if k > 0:
@@ -298,6 +416,20 @@ class StagDecoder:
                     x = x + self._prompt_cross_attention(layer, x, *memory[i])
             x = x + _with_bias(layer.mlp(layer.pre_mlp_layernorm(x)))
         return block.final_layernorm(x)
+
+    def _block(self, k: int):
+        """Section k's module on this process."""
+        return self.model.sections[self._local[k]]
+
+    def _self_rows(self, k: int) -> slice:
+        """Section k's rows of the self caches."""
+        j = self._local[k]
+        return slice(j * self.batch, (j + 1) * self.batch)
+
+    def _cross_rows(self, k: int) -> slice:
+        """Section k's (k > 0) rows of the cross caches."""
+        j = self._cross[k]
+        return slice(j * self.batch, (j + 1) * self.batch)
 
     def _self_attention(self, layer, i: int, x: Tensor, rows: slice, start: int) -> Tensor:
         """Causal self-attention of x [n, B, h] (positions start..) with cache rows `rows`."""
@@ -356,7 +488,7 @@ class StagDecoder:
         null = self.model.null_memory.to(previous.dtype).view(1, 1, -1)
         slots = torch.cat([null.expand(1, self.batch, -1), previous], dim=0)  # [s+1, b, h]
         memory = []
-        for i, layer in enumerate(self.model.sections[k].layers):
+        for i, layer in enumerate(self._block(k).layers):
             key, value = layer.cross_attention.project_memory(slots, first_slot=0)
             key, value = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, g, s+1, hd]
             self._write_slots(i, k, key, value, first_slot=0)
@@ -370,10 +502,14 @@ class StagDecoder:
             source = outs[0] if self.mode == "recurrent" else outs[k - 1]  # [1, b, h]
             if self.mode == "recurrent" and k != self.p - 1:
                 continue
-            for i, layer in enumerate(self.model.sections[k].layers):
-                key, value = layer.cross_attention.project_memory(source, first_slot=slot)
-                self._write_slots(i, k, key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-                                  first_slot=slot)
+            self._append_memory(k, source, slot)
+
+    def _append_memory(self, k: int, source: Tensor, slot: int) -> None:
+        """Slot `slot` of section k's cross caches = source [1, b, h] (its memory output)."""
+        for i, layer in enumerate(self._block(k).layers):
+            key, value = layer.cross_attention.project_memory(source, first_slot=slot)
+            self._write_slots(i, k, key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+                              first_slot=slot)
 
     def _write_slots(self, i: int, k: int, key: Tensor, value: Tensor, first_slot: int) -> None:
         """Store slots first_slot.. (key/value [b, g, n, hd]) of section k, layer i: slot j at
@@ -386,7 +522,7 @@ class StagDecoder:
             return
         index = torch.tensor([j % self.cross_len for j in slots], device=key.device)
         source = torch.tensor([j - first_slot for j in slots], device=key.device)
-        rows = slice((k - 1) * self.batch, k * self.batch)
+        rows = self._cross_rows(k)
         cache_k, cache_v = self.caches.cross_kv[i]
         cache_k[rows].index_copy_(2, index, key.index_select(2, source))
         cache_v[rows].index_copy_(2, index, value.index_select(2, source))
@@ -441,7 +577,9 @@ def _check_model(model, config, max_sequence_length: int, mode: str) -> None:
     """Refuse what this engine cannot decode, saying what to do instead."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
-    if config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
+    if mode == "pipeline":
+        _check_pipeline_layout(config)
+    elif config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
         raise ValueError(
             f"StagDecoder decodes a single-process model; this one has tensor_model_parallel_size"
             f"={config.tensor_model_parallel_size}, pipeline_model_parallel_size="
@@ -465,3 +603,33 @@ def _check_model(model, config, max_sequence_length: int, mode: str) -> None:
             and max_sequence_length > model.max_sequence_length):
         raise ValueError(f"max_sequence_length={max_sequence_length} exceeds the model's "
                          f"learned positions ({model.max_sequence_length}); use at most that")
+
+
+def _check_pipeline_layout(config) -> None:
+    """mode="pipeline": one whole section per pipeline stage, no tensor parallelism."""
+    p, pp = config.num_sections, config.pipeline_model_parallel_size
+    tp = config.tensor_model_parallel_size
+    if pp == 1:
+        raise ValueError(
+            "mode='pipeline' decodes a model built under pipeline parallelism with one section "
+            "per stage; this model has a single pipeline stage (pipeline_model_parallel_size=1)."
+            " Fix: use mode='sequential' (or 'batched' with shared weights), or launch "
+            f"{p} processes (torchrun) and build the model with pipeline_model_parallel_size="
+            f"num_sections={p}")
+    if pp != p:
+        raise ValueError(
+            f"mode='pipeline' needs one whole section per pipeline stage "
+            f"(pipeline_model_parallel_size == num_sections = {p}); this model has "
+            f"pipeline_model_parallel_size={pp}. Fix: build the model with "
+            f"pipeline_model_parallel_size={p} (distributed checkpoints reshard on load), or "
+            "load it with both parallel sizes 1 and use mode='sequential'")
+    if tp != 1:
+        raise ValueError(
+            f"mode='pipeline' needs tensor_model_parallel_size=1; this model has {tp}. Fix: "
+            f"build the model with tensor_model_parallel_size=1, pipeline_model_parallel_size="
+            f"{p} (distributed checkpoints reshard on load)")
+    if config.output_combination != "last":
+        raise ValueError(
+            f"mode='pipeline' needs output_combination='last' (the last stage alone makes the "
+            f"logits); this model has output_combination={config.output_combination!r}. Fix: "
+            "load it with both parallel sizes 1 and use mode='sequential'")
