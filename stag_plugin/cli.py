@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "train": ("stag_plugin.train", "train a StagFormer or plain GPT on Megatron-Core"),
     "eval": ("stag_plugin.evaluate", "validation / test perplexity of a checkpoint"),
+    "generate": ("stag_plugin.generate", "stream a checkpoint's continuation of a prompt"),
     "demo": ("stag_plugin.demo", "the main job: four models on the embedded corpus, a report"),
 }
 
