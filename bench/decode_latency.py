@@ -15,6 +15,8 @@ repeats) so that machine drift hits all of them alike:
     stag-shared-seq   StagFormer 2 x L/2, shared weights, sequential
     stag-shared-bat   shared weights, both sections of a step as one batch-2 forward
     stag-recurrent    shared weights, one pass per token over its own earlier outputs
+    stag-sep-pipe     separate weights, one section per pipeline rank (2 processes launched with
+                      torchrun, one thread each): both sections run at once every step
 
 The headline column is each variant's latency ratio to gpt-L (speed-up = gpt-L / variant).
 Weights are random: latency does not depend on them. Prints a table and writes JSON.
@@ -38,15 +40,19 @@ SIZES = {  # hidden, heads, total layers L (StagFormer: 2 sections of L/2)
     "100m": dict(hidden=768, heads=12, layers=12, vocab=8192),
 }
 VARIANTS = ("gpt-L", "gpt-L/2", "stag-sep-seq", "stag-shared-seq", "stag-shared-bat",
-            "stag-recurrent")
+            "stag-recurrent", "stag-sep-pipe")
+PIPELINE = "stag-sep-pipe"
 
 
-def build(variant: str, size: dict, max_len: int):
+def build(variant: str, size: dict, max_len: int, pipeline: int = 1):
+    from megatron.core import parallel_state
+
     from stag_plugin.config import StagFormerConfig
     from stag_plugin.model import StagGPTModel
 
     layers = size["layers"]
     sections, sharing, mode = {
+        PIPELINE: (2, "separate", "pipeline"),
         "gpt-L": (1, "separate", "sequential"),
         "gpt-L/2": (1, "separate", "sequential"),
         "stag-sep-seq": (2, "separate", "sequential"),
@@ -59,27 +65,84 @@ def build(variant: str, size: dict, max_len: int):
     config = StagFormerConfig(
         num_layers=layers, hidden_size=size["hidden"], num_attention_heads=size["heads"],
         num_sections=sections, weight_sharing=sharing, hidden_dropout=0.0,
-        attention_dropout=0.0, use_cpu_initialization=True)
+        attention_dropout=0.0, use_cpu_initialization=True, pipeline_model_parallel_size=pipeline)
     torch.manual_seed(0)
-    model = StagGPTModel(config, vocab_size=size["vocab"], max_sequence_length=max_len).eval()
+    model = StagGPTModel(config, vocab_size=size["vocab"], max_sequence_length=max_len,
+                         pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage()).eval()
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return model, mode, params
 
 
 def measure(decoder, context: int, steps: int, warmup: int, vocab: int, seed: int) -> dict:
+    """Prefill, then greedy steps; a step's time includes choosing the next token (and, in
+    pipeline mode, sharing it from the last rank), as in a real decode loop."""
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, context - warmup - steps), generator=generator)
     start = time.perf_counter()
-    logits = decoder.prefill(prompt)
+    token = next_token(decoder, decoder.prefill(prompt))
     prefill = time.perf_counter() - start
-    token = logits.argmax(-1)
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        token = decoder.step(token).argmax(-1)
+        token = next_token(decoder, decoder.step(token))
         if i >= warmup:
             times.append(time.perf_counter() - start)
+    if decoder.mode == "pipeline":
+        decoder.finish()
     return {"prefill_s": prefill, "step_s": times}
+
+
+def next_token(decoder, logits):
+    if decoder.mode != "pipeline":
+        return logits.argmax(-1)
+    from megatron.core import parallel_state
+
+    token = (logits.argmax(-1) if logits is not None else torch.zeros(1, dtype=torch.int64))
+    torch.distributed.broadcast(token, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return token
+
+
+def pipeline_worker(args) -> None:
+    """Under torchrun (2 ranks): the pipeline variant for every context; the last rank writes
+    its timings (JSON) to args.pipeline_worker."""
+    from megatron.core import parallel_state
+
+    from stag_plugin import train
+    from stag_plugin.inference import StagDecoder
+
+    torch.set_num_threads(1)
+    train.setup_distributed(1, 2, timeout_minutes=10)
+    model, _, params = build(PIPELINE, SIZES[args.size], max(args.contexts), pipeline=2)
+    out = {}
+    for context in args.contexts:
+        decoder = StagDecoder(model, 1, context, mode="pipeline")
+        got = measure(decoder, context, args.steps, args.warmup, SIZES[args.size]["vocab"],
+                      seed=args.seed)
+        out[context] = dict(got, cache=decoder.cache_bytes())
+    params_all = torch.tensor([params])
+    torch.distributed.all_reduce(params_all)  # both stages' parameters
+    if parallel_state.is_pipeline_last_stage():
+        args.pipeline_worker.write_text(json.dumps({"parameters": int(params_all), "runs": out}))
+    torch.distributed.destroy_process_group()
+
+
+def run_pipeline(args, repeat: int) -> dict:
+    """Launch the pipeline variant on 2 processes; returns {context: timings}."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "pipeline.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", __file__, "--pipeline-worker", str(result),
+               "--seed", str(repeat), "--size", args.size, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--contexts", *map(str, args.contexts)]
+        subprocess.run(cmd, check=True, timeout=3600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        data = json.loads(result.read_text())
+    return data
 
 
 def run(args) -> dict:
@@ -89,13 +152,25 @@ def run(args) -> dict:
     compat.initialize_single_process()
     size = SIZES[args.size]
     max_len = max(args.contexts)
-    models = {v: build(v, size, max_len) for v in args.variants}
+    local = [v for v in args.variants if v != PIPELINE]
+    models = {v: build(v, size, max_len) for v in local}
     results = {v: {c: {"prefill_s": [], "step_s": []} for c in args.contexts}
                for v in args.variants}
     cache = {}
     for repeat in range(args.repeats):
+        if PIPELINE in args.variants:
+            data = run_pipeline(args, repeat)
+            models[PIPELINE] = (None, "pipeline", data["parameters"])
+            for context in args.contexts:
+                got = data["runs"][str(context)]
+                results[PIPELINE][context]["prefill_s"].append(got["prefill_s"])
+                results[PIPELINE][context]["step_s"] += got["step_s"]
+                cache[(PIPELINE, context)] = got["cache"]
+                print(f"  repeat {repeat + 1}/{args.repeats} context {context:>5} {PIPELINE:<16} "
+                      f"{statistics.median(got['step_s']) * 1e3:8.2f} ms/token",
+                      file=sys.stderr, flush=True)
         for context in args.contexts:
-            for variant in args.variants:  # alternate: drift affects every variant alike
+            for variant in local:  # alternate: drift affects every variant alike
                 model, mode, _ = models[variant]
                 decoder = StagDecoder(model, 1, context, mode=mode)
                 got = measure(decoder, context, args.steps, args.warmup, size["vocab"],
@@ -157,12 +232,17 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="JSON report")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.contexts) <= args.steps + args.warmup:
         parser.error("each context must exceed --steps + --warmup (the prompt is the rest)")
     from stag_plugin.cpu_compat import quiet_known_warnings
 
     quiet_known_warnings()
+    if args.pipeline_worker is not None:
+        pipeline_worker(args)
+        return 0
     report = run(args)
     print(table(report))
     if args.out is not None:
