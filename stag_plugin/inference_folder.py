@@ -7,11 +7,16 @@ plain-PyTorch reference model (and Hugging Face `transformers`) loads. No Megatr
                                  names; shared weights stored once), one dtype throughout
     <folder>/tokenizer.model     the SentencePiece model the token ids refer to
     <folder>/README.md           what the folder holds and where it came from
+    <folder>/configuration_stagformer.py, modeling_stagformer.py, reference.py
+                                 the model code for `transformers` (trust_remote_code): copies
+                                 of stag_plugin/hf/*.py and stag_plugin/reference.py
 
 config.json metadata next to the ReferenceConfig fields:
     "model_type": "stagformer", "stag_format_version": 1, "torch_dtype": "float32" (or
     "bfloat16" / "float16"), "eos_token_id": the end-of-document id, "source": {...} (the
-    checkpoint it was converted from), "tokenizer_file": "tokenizer.model".
+    checkpoint it was converted from), "tokenizer_file": "tokenizer.model", "auto_map": the
+    transformers classes in the folder's code, "use_cache": false (generate() in transformers
+    recomputes the sequence; docs/huggingface.md).
 
 Writing is atomic: everything goes to a temporary sibling folder that is renamed at the end, so
 an interrupted conversion never leaves a half-written folder, and an existing folder is only
@@ -31,6 +36,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from stag_plugin.hf import AUTO_MAP, REMOTE_CODE_FILES
 from stag_plugin.reference import ReferenceConfig, StagFormer
 
 FORMAT_VERSION = 1
@@ -73,7 +79,8 @@ def config_to_json(cfg: ReferenceConfig, dtype: torch.dtype, metadata: dict) -> 
     """ReferenceConfig fields at the top level, then the folder's metadata."""
     entries = {"model_type": MODEL_TYPE, "architectures": ["StagFormerForCausalLM"],
                "stag_format_version": FORMAT_VERSION, "torch_dtype": DTYPE_NAMES[dtype],
-               "tokenizer_file": TOKENIZER_FILE}
+               "tokenizer_file": TOKENIZER_FILE, "auto_map": dict(AUTO_MAP),
+               "use_cache": False}  # transformers' generate(): no KV cache in the HF model
     entries.update(dataclasses.asdict(cfg))
     entries.update(metadata)
     return entries
@@ -148,6 +155,8 @@ def save_inference_folder(folder: Union[str, Path], cfg: ReferenceConfig,
         if tokenizer_model is not None:
             shutil.copyfile(tokenizer_model, partial / TOKENIZER_FILE)
         (partial / README_FILE).write_text(readme)
+        for name, source in REMOTE_CODE_FILES.items():  # the model code for transformers
+            shutil.copyfile(source, partial / name)
         _replace_dir(partial, folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -225,7 +234,9 @@ def load_inference_folder(folder: Union[str, Path], device: Union[str, torch.dev
     weights (default: keep the folder's dtype)."""
     folder = Path(folder)
     cfg, metadata = read_config(folder)
-    state = read_weights(folder, cfg, metadata.get("torch_dtype", "float32"))
+    # "dtype": the name transformers' save_pretrained writes
+    dtype_name = metadata.get("torch_dtype", metadata.get("dtype", "float32"))
+    state = read_weights(folder, cfg, dtype_name)
     with torch.device("meta"):
         model = StagFormer(cfg)
     model.load_state_dict(state, assign=True)
