@@ -210,13 +210,14 @@ def _nbytes(entry) -> int:
 
 def _read_group(folder: Path, index: TensorIndex, keys: list) -> Dict[str, torch.Tensor]:
     from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
 
     state = {k: torch.empty(index[k][0], dtype=index[k][1]) for k in keys}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
             load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
-    except Exception as err:  # torch wraps read failures of any kind
+    except (Exception, CheckpointException) as err:  # (the latter is a BaseException)
         raise _corrupted(folder, err) from err
     return state
 
