@@ -130,6 +130,35 @@ def test_duplicate_is_the_gpt_for_stag_eval_and_fine_tunes(tmp_path, flags, stag
         "architecture"]
 
 
+@pytest.mark.parametrize("sharing", ["separate", "shared"])
+def test_duplicate_rules_whatever_the_fresh_init(sharing):
+    """The recipe alone, with a fresh init that is random everywhere (Megatron's happens to zero
+    biases and the null memory): the cross-attention output projection, weight AND bias, and
+    the null memory are zeroed by the recipe; the rest of the cross-attention keeps the init;
+    every other tensor is the GPT's layer of the same index, or its final norm."""
+    from stag_plugin.convert import recipes
+    from stag_plugin.reference import ReferenceConfig, StagFormer
+
+    def random_state(sections):
+        cfg = ReferenceConfig(vocab_size=16, max_sequence_length=8, num_layers=2 * sections,
+                              hidden_size=8, num_attention_heads=2, num_query_groups=2,
+                              ffn_hidden_size=16, head_dim=4, num_sections=sections,
+                              weight_sharing=sharing)
+        return {k: torch.randn(v.shape) for k, v in StagFormer(cfg).state_dict().items()}
+
+    gpt, init = random_state(1), random_state(3)
+    out = recipes.upcycle("duplicate", gpt, init, layers_per_section=2)
+    assert out.keys() == init.keys()
+    for key, value in out.items():
+        if ".cross_attn.o." in key or key == "null_memory":
+            assert torch.equal(value, torch.zeros_like(value)), key
+        elif ".cross_attn." in key or ".ln_cross." in key:
+            assert torch.equal(value, init[key]), key
+        else:
+            source = key if key.startswith("tok_emb") else "stacks.0." + key.split(".", 2)[2]
+            assert torch.equal(value, gpt[source]), (key, source)
+
+
 # --------------------------------------------------------------------------- split
 
 
