@@ -72,8 +72,8 @@ def snapshot(folder: Path) -> dict:
         if path.is_dir():
             out[key] = "dir"
         else:
-            stat = path.stat()
-            out[key] = (stat.st_size, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            stat, digest = path.stat(), hashlib.sha256(path.read_bytes()).hexdigest()
+            out[key] = (stat.st_size, stat.st_mtime_ns, digest)
     return out
 
 

@@ -148,7 +148,8 @@ def test_reshard_any_layout_to_one_process_and_back_to_pp2(tmp_path, flags, tp2p
     resume = [*flags, "--train-iters", ITERS + 1, "--lr-decay-iters", ITERS]
     torchrun(2, ["stag_plugin.train", *resume, "--pipeline-model-parallel-size", 2,
                  "--load", pp2, "--save", tmp_path / "pp2-resumed"])
-    assert train.main([str(a) for a in resume + ["--load", tp1, "--save", tmp_path / "resumed"]]) == 0
+    one_process = resume + ["--load", tp1, "--save", tmp_path / "resumed"]
+    assert train.main([str(a) for a in one_process]) == 0
     step = [step_loss(tmp_path / name, ITERS + 1) for name in ("pp2-resumed", "resumed")]
     assert step[0] == pytest.approx(step[1], abs=1e-5)
 

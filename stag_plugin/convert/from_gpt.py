@@ -85,8 +85,9 @@ def target_args(gpt, options: argparse.Namespace, layers_per_section: int):
     args.stag_weight_sharing = options.stag_weight_sharing
     args.stag_cross_attention_window = options.stag_cross_attention_window
     args.stag_output_combination = options.stag_output_combination
-    rope = options.stag_cross_attention_rope
-    args.stag_cross_attention_rope = args.position_embedding_type == "rope" if rope is None else rope
+    rope = options.stag_cross_attention_rope  # default: on exactly when the GPT uses RoPE
+    args.stag_cross_attention_rope = (args.position_embedding_type == "rope" if rope is None
+                                      else rope)
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
     args.sequence_parallel = args.use_distributed_optimizer = False
     args.config, args.load, args.save = None, str(gpt.ckpt.folder), str(options.out)

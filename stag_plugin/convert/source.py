@@ -215,7 +215,7 @@ def _read_group(folder: Path, index: TensorIndex, keys: list) -> Dict[str, torch
     state = {k: torch.empty(index[k][0], dtype=index[k][1]) for k in keys}
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in")
             load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
     except (Exception, CheckpointException) as err:  # (the latter is a BaseException)
         raise _corrupted(folder, err) from err
