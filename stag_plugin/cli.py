@@ -17,7 +17,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: stag <command> [flags]   (stag <command> --help for its flags)", ""]
-    lines += [f"  {name:<8} {help}" for name, (_, help) in COMMANDS.items()]
+    lines += [f"  {name:<9} {help}" for name, (_, help) in COMMANDS.items()]
     return "\n".join(lines)
 
 
