@@ -25,10 +25,13 @@ def prepare_flags(tmp_path_factory) -> list:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py") if 4_000 < p.stat().st_size < 20_000)[:40]
-    corpus = tmp_path_factory.mktemp("corpus")
+    # A fixed folder name: document ids (hence the split) include it, and a numbered
+    # mktemp("corpus") would also shift the numbers other test modules get.
+    corpus = tmp_path_factory.mktemp("convert") / "corpus"
+    corpus.mkdir()
     for path in files:
         shutil.copyfile(path, corpus / path.name)
-    cache = tmp_path_factory.mktemp("data")
+    cache = tmp_path_factory.mktemp("convert-data")
     prepare_data([str(corpus)], cache, vocab_size=VOCAB, valid_fraction=0.2, test_fraction=0.2,
                  progress=False)
     return ["--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
