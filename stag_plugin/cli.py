@@ -1,4 +1,5 @@
-"""`stag`: the plugin's command line (`stag train | eval | demo`), one module per command."""
+"""`stag`: the plugin's command line (`stag train | eval | generate | convert | demo`), one module
+per command."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ COMMANDS = {
     "train": ("stag_plugin.train", "train a StagFormer or plain GPT on Megatron-Core"),
     "eval": ("stag_plugin.evaluate", "validation / test perplexity of a checkpoint"),
     "generate": ("stag_plugin.generate", "stream a checkpoint's continuation of a prompt"),
+    "convert": ("stag_plugin.convert", "to-inference | reshard | from-gpt (upcycling)"),
     "demo": ("stag_plugin.demo", "the main job: four models on the embedded corpus, a report"),
 }
 
 
 def usage() -> str:
     lines = ["usage: stag <command> [flags]   (stag <command> --help for its flags)", ""]
-    lines += [f"  {name:<6} {help}" for name, (_, help) in COMMANDS.items()]
+    lines += [f"  {name:<9} {help}" for name, (_, help) in COMMANDS.items()]
     return "\n".join(lines)
 
 

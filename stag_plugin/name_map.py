@@ -178,8 +178,10 @@ def reference_to_megatron(state_dict: Dict[str, torch.Tensor], cfg,
     return out
 
 
-def check_against_reference(state_dict: Dict[str, torch.Tensor], cfg) -> None:
-    """Every key of the reference model present exactly once, with its shape; nothing extra."""
+def check_against_reference(state_dict: Dict[str, torch.Tensor], cfg,
+                            dtype: Optional[torch.dtype] = None) -> None:
+    """Every key of the reference model present exactly once, with its shape (and `dtype` when
+    given); nothing extra."""
     from stag_plugin.reference import StagFormer
 
     with torch.device("meta"):
@@ -193,3 +195,62 @@ def check_against_reference(state_dict: Dict[str, torch.Tensor], cfg) -> None:
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
             raise ValueError(f"{key}: shape {tuple(state_dict[key].shape)}, "
                              f"expected {tuple(tensor.shape)}")
+        if dtype is not None and state_dict[key].dtype != dtype:
+            raise ValueError(f"{key}: dtype {state_dict[key].dtype}, expected {dtype}")
+
+
+# ----------------------------------------------------------------- the map read backwards
+
+_REF_LAYER_RE = re.compile(r"^stacks\.(\d+)\.blocks\.(\d+)\.(.+)\.(weight|bias)$")
+_REF_SECTION_RE = re.compile(r"^stacks\.(\d+)\.ln_out\.(weight|bias)$")
+
+
+def megatron_key(cfg, reference_key: str) -> str:
+    """The Megatron owner key that holds reference tensor `reference_key` (the inverse of
+    `reference_names`; with shared weights, the owner section of the weight)."""
+    model_keys = {ref: meg for meg, ref in MODEL_KEYS.items()}
+    if reference_key in model_keys:
+        return model_keys[reference_key]
+    section = _REF_SECTION_RE.match(reference_key)
+    if section:
+        return f"sections.{section.group(1)}.final_layernorm.{section.group(2)}"
+    layer = _REF_LAYER_RE.match(reference_key)
+    modules = _megatron_modules(cfg)
+    if not layer or layer.group(3) not in modules:
+        raise KeyError(f"no Megatron name for reference key {reference_key!r}")
+    stack, i, module, param = layer.groups()
+    module = modules[module]
+    if cfg.weight_sharing == "shared":
+        stack = "1" if module.startswith(CROSS_MODULES) else "0"
+    return f"sections.{stack}.layers.{i}.{module}.{param}"
+
+
+def _megatron_modules(cfg) -> Dict[str, str]:
+    """Reference module (e.g. "self_attn.k") -> the Megatron module holding it."""
+    inverse = {}
+    for module in LAYER_MODULES:
+        targets = _reference_modules(cfg, module)
+        for target in (targets,) if isinstance(targets, str) else targets:
+            inverse[target] = module
+    return inverse
+
+
+def megatron_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor a StagGPTModel checkpoint holds for `cfg`: owner key -> global (TP = 1)
+    shape; no aliases of shared weights, no `_extra_state`. Derived from the reference model
+    through this map, and checked to invert `reference_names` exactly."""
+    from stag_plugin.reference import StagFormer
+
+    with torch.device("meta"):
+        reference = StagFormer(cfg).state_dict()
+    grouped: Dict[str, List[str]] = {}
+    for name in reference:
+        grouped.setdefault(megatron_key(cfg, name), []).append(name)
+    shapes = {}
+    for key, names in grouped.items():
+        parts, _ = reference_names(cfg, key)
+        if sorted(parts) != sorted(names):
+            raise AssertionError(f"name map is not invertible at {key!r}: {parts} vs {names}")
+        first = tuple(reference[parts[0]].shape)
+        shapes[key] = (sum(reference[p].shape[0] for p in parts),) + first[1:]  # fused rows
+    return shapes

@@ -447,13 +447,19 @@ def checkpoint_state(run: Run, loading: bool = False) -> dict:
 
 def save(run: Run) -> Path:
     args = run.args
-    record = {"iteration": run.iteration, "args": vars(args),
-              "architecture": arguments.architecture_of(args, _vocab(run)),
-              "tokenizer": {"vocab_size": run.tokenizer.vocab_size, "eod": run.tokenizer.eod}}
+    record = run_record(args, run.iteration, _vocab(run),
+                        {"vocab_size": run.tokenizer.vocab_size, "eod": run.tokenizer.eod})
     path = checkpointing.save_checkpoint(args.save, run.iteration, checkpoint_state(run), record,
                                          tokenizer_model=Path(run.data.tokenizer_path))
     run.log.write(iteration=run.iteration, event="save", path=str(path))
     return path
+
+
+def run_record(args, iteration: int, padded_vocab: int, tokenizer: dict) -> dict:
+    """stag_run.json: the flags, the architecture they fix and the tokenizer of a checkpoint
+    (`tokenizer`: {"vocab_size": ..., "eod": ...})."""
+    return {"iteration": iteration, "args": vars(args),
+            "architecture": arguments.architecture_of(args, padded_vocab), "tokenizer": tokenizer}
 
 
 def resume(run: Run) -> None:

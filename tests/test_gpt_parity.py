@@ -13,7 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 
-def megatron_gpt(config, tie: bool) -> GPTModel:
+def megatron_gpt(config, tie: bool, vocab: int = VOCAB, max_len: int = MAX_LEN) -> GPTModel:
     """GPTModel with Megatron's own local layer spec; only the core attention is swapped for the
     SDPA one and RoPE for the CPU-safe subclass (Megatron's own ones need CUDA)."""
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
@@ -22,7 +22,7 @@ def megatron_gpt(config, tie: bool) -> GPTModel:
         spec.submodules, self_attention=dataclasses.replace(
             attention, submodules=dataclasses.replace(attention.submodules,
                                                       core_attention=SDPAttention))))
-    gpt = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=MAX_LEN,
+    gpt = GPTModel(config, spec, vocab_size=vocab, max_sequence_length=max_len,
                    position_embedding_type=config.position_embedding_type,
                    rotary_base=config.rotary_base, rotary_percent=config.rotary_percent,
                    share_embeddings_and_output_weights=tie)

@@ -1,0 +1,53 @@
+"""`stag convert`: move checkpoints between formats, layouts and architectures.
+
+    stag convert to-inference --load CKPT --out DIR [--dtype fp32|bf16|fp16]
+        a training checkpoint (any TP / PP layout) -> the self-contained inference folder
+    stag convert reshard --load CKPT --out DIR --tensor-model-parallel-size T
+                         --pipeline-model-parallel-size P
+        a training checkpoint rewritten for another layout, verified tensor by tensor
+    stag convert from-gpt --load GPT_CKPT --out DIR --recipe duplicate|split
+                          --stag-num-sections p
+        a plain GPT (stag train p = 1, or a Megatron-LM GPTModel) upcycled into a StagFormer
+
+Every command writes its output atomically (stag_plugin.convert.common) and reports a problem
+as `stag convert: error: <problem>. Fix: <fix>` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "to-inference": ("stag_plugin.convert.to_inference",
+                     "training checkpoint -> self-contained inference folder"),
+    "reshard": ("stag_plugin.convert.reshard",
+                "training checkpoint -> the same checkpoint for another TP / PP layout"),
+    "from-gpt": ("stag_plugin.convert.from_gpt",
+                 "plain GPT checkpoint -> StagFormer training checkpoint (upcycling)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: stag convert <command> [flags]   (stag convert <command> --help)", ""]
+    lines += [f"  {name:<13} {help}" for name, (_, help) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from stag_plugin.cpu_compat import quiet_known_warnings
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"stag convert: error: unknown command {command!r}\n{usage()}", file=sys.stderr)
+        return 2
+    quiet_known_warnings()
+    try:
+        return importlib.import_module(SUBCOMMANDS[command][0]).main(rest)
+    except ValueError as err:  # ConvertError and the checkpoint / config errors: all name a fix
+        print(f"stag convert: error: {err}", file=sys.stderr)
+        return 2
