@@ -92,7 +92,7 @@ def save_checkpoint(root: Path, iteration: int, state: dict, run: dict,
         (partial / RUN_FILE).write_text(json.dumps(run, indent=1, default=str))
         if tokenizer_model is not None:
             shutil.copyfile(tokenizer_model, partial / TOKENIZER_FILE)
-        _replace_dir(partial, final)
+        replace_dir(partial, final)
         _write_atomic(root / TRACKER, f"{iteration}\n")
     _barrier()
     return final
@@ -150,7 +150,7 @@ def same_layout(root: Path, args) -> bool:
             and saved.get("pipeline_model_parallel_size", 1) == args.pipeline_model_parallel_size)
 
 
-def _replace_dir(source: Path, target: Path) -> None:
+def replace_dir(source: Path, target: Path) -> None:
     """Move `source` to `target`; an existing `target` is removed only after the move."""
     old = target.with_name(target.name + ".old")
     if target.exists():

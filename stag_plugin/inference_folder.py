@@ -29,13 +29,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
 
+from stag_plugin.checkpointing import replace_dir
 from stag_plugin.hf import AUTO_MAP, REMOTE_CODE_FILES
 from stag_plugin.reference import ReferenceConfig, StagFormer
 
@@ -146,8 +146,9 @@ def save_inference_folder(folder: Union[str, Path], cfg: ReferenceConfig,
     check_against_reference(state_dict, cfg)
     weights = {k: v.detach().to(dtype).contiguous() for k, v in state_dict.items()}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial",
-                                    dir=folder.parent))
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted earlier write
+    partial.mkdir()
     try:
         save_file(weights, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
         entries = config_to_json(cfg, dtype, dict(metadata or {}))
@@ -157,23 +158,11 @@ def save_inference_folder(folder: Union[str, Path], cfg: ReferenceConfig,
         (partial / README_FILE).write_text(readme)
         for name, source in REMOTE_CODE_FILES.items():  # the model code for transformers
             shutil.copyfile(source, partial / name)
-        _replace_dir(partial, folder)
+        replace_dir(partial, folder)  # an existing folder goes only now
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return folder
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Rename `source` to `target`; an existing `target` is removed only after the rename."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(source, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- loading

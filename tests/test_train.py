@@ -248,7 +248,7 @@ def _crash_second_dist_save(monkeypatch):
 
 def _crash_second_rename(monkeypatch):
     """The second checkpoint is fully written but the process dies before it is renamed."""
-    real_replace, calls = checkpointing._replace_dir, []
+    real_replace, calls = checkpointing.replace_dir, []
 
     def replace(source, target):
         calls.append(target)
@@ -256,7 +256,7 @@ def _crash_second_rename(monkeypatch):
             raise KeyboardInterrupt("killed during save (simulated)")
         return real_replace(source, target)
 
-    monkeypatch.setattr(checkpointing, "_replace_dir", replace)
+    monkeypatch.setattr(checkpointing, "replace_dir", replace)
     return calls
 
 

@@ -61,7 +61,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     partial.mkdir(parents=True)
     try:
         yield partial
-        checkpointing._replace_dir(partial, Path(out))  # an existing `out` goes only now
+        checkpointing.replace_dir(partial, Path(out))  # an existing `out` goes only now
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -201,7 +201,7 @@ def publish(written: Path, options: argparse.Namespace, plan: Plan):
     except ConvertError as err:
         shutil.rmtree(partial, ignore_errors=True)
         return str(err)
-    checkpointing._replace_dir(partial, Path(options.out))
+    checkpointing.replace_dir(partial, Path(options.out))
     say(f"wrote {options.out} (TP {plan.args.tensor_model_parallel_size} x PP "
         f"{plan.args.pipeline_model_parallel_size}); verified {count} tensors equal to the source")
     return None
