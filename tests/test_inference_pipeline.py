@@ -97,6 +97,6 @@ def test_pipeline_mode_refuses_other_layouts(overrides, message):
 
 
 def test_other_modes_still_refuse_a_pipelined_model():
-    with pytest.raises(ValueError, match="single-process model"):
+    with pytest.raises(ValueError, match="every section on this process.*mode='pipeline'"):
         StagDecoder(_stub(num_sections=2, pipeline_model_parallel_size=2), max_batch_size=1,
                     max_sequence_length=8, mode="sequential")
