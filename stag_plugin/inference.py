@@ -162,6 +162,12 @@ class StagDecoder:
                                  cross_sections=len(self._cross))
         if self.pipelined:
             self._setup_pipeline(local[0])
+        if self.tp_size > 1:
+            # Megatron's logits gather allocates on the current CUDA device; on a CPU-only
+            # machine the project's compatibility layer redirects it (idempotent; no-op on GPU).
+            from stag_plugin.cpu_compat import apply_cpu_compat
+
+            apply_cpu_compat()
         self.device = param.device
         self.batch = 0
         self.position = 0  # position of the next token; cross caches hold slots 0..position
