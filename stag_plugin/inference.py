@@ -39,11 +39,14 @@ Modes:
                   point-to-point messages on the pipeline group: prefill runs the stages one
                   after another (stage k receives section k-1's outputs over the prompt, fills
                   its caches, sends its own outputs on); in the step at position t every stage
-                  first appends slot t (section k-1's output at t-1, sent during the previous
-                  step), runs token t, and sends its output to the next stage without waiting
-                  (isend). Only the last stage returns logits (others None); `generate` samples
-                  there and broadcasts the token over the pipeline group. `finish()` settles the
-                  messages of the last step (generate and prefill call it).
+                  first caches slot t (K/V of section k-1's output at t-1, sent during the
+                  previous step), runs token t, projects its output to the next section's
+                  cross-attention K/V of slot t + 1 (a copy of those weights is sent once, at
+                  setup, by the next stage) and sends them without waiting (isend): the
+                  projection moves from the heavier later stage to this one. Only the last
+                  stage returns logits (others None); `generate` samples there and broadcasts
+                  the token over the pipeline group. `finish()` settles the messages of the
+                  last step (generate and prefill call it).
 
 Tensor parallelism (modes sequential / batched / recurrent, pipeline size 1): every TP rank
 runs the same steps on its own heads (the caches hold num_query_groups / tp groups); Megatron's
@@ -129,7 +132,10 @@ class StagDecoder:
         max_batch_size: most sequences decoded together.
         max_sequence_length: most positions (prompt + generated tokens fed back) per sequence.
         mode: "sequential", "batched" (shared weights), "recurrent" (shared weights, p >= 2)
-            or "pipeline" (pipeline size = num_sections; see the module docstring).
+            or "pipeline" (pipeline size = num_sections; see the module docstring). In mode
+            "pipeline" build the decoder on every rank at once: the constructor sends each
+            stage a copy of the next section's cross-attention K/V projection (2 h^2 per
+            layer of extra memory on every stage but the last).
     """
 
     def __init__(self, model, max_batch_size: int, max_sequence_length: int,
@@ -160,6 +166,7 @@ class StagDecoder:
                                  attention.num_query_groups_per_partition, max_sequence_length,
                                  self.cross_len, self.head_dim, param.dtype, param.device,
                                  cross_sections=len(self._cross))
+        self.device = param.device
         if self.pipelined:
             self._setup_pipeline(local[0])
         if self.tp_size > 1:
@@ -168,7 +175,6 @@ class StagDecoder:
             from stag_plugin.cpu_compat import apply_cpu_compat
 
             apply_cpu_compat()
-        self.device = param.device
         self.batch = 0
         self.position = 0  # position of the next token; cross caches hold slots 0..position
 
@@ -270,8 +276,37 @@ class StagDecoder:
         self._prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
         self._last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         self._dtype = self.model.embedding.word_embeddings.weight.dtype
-        self._pending_recv = None  # (work, buffer): section k-1's output of the last step
+        self._pending_recv = None  # (work, buffer): K/V of this stage's slot from the last step
         self._pending_sends: list = []  # (work, tensor) in flight to the next stage
+        self._next_kv = self._share_slot_weights()
+        self._slot_rotary = (compat.rotary_embedding(self.config)
+                             if self.config.cross_attention_rope else None)
+
+    def _share_slot_weights(self) -> List[tuple]:
+        """Each stage sends its layers' cross-attention K/V projection (linear_kv weight, bias)
+        to the stage before, once: that stage projects its own output for the new memory slot
+        of every step (moving 2h^2 per layer off the next, heavier stage). Returns the next
+        section's [(weight [2 * groups * hd, h], bias or None)] per layer (last stage: [])."""
+        sends = []
+        if self.section > 0:
+            for layer in self._block(self.section).layers:
+                for tensor in _weight_and_bias(layer.cross_attention.linear_kv):
+                    sends.append(dist.isend(tensor.detach().contiguous(), dst=self._prev_rank,
+                                            group=self._group))
+        received = []
+        if not self.is_last:
+            rows = 2 * self.config.num_query_groups * self.head_dim
+            bias = self.config.add_bias_linear or self.config.add_qkv_bias
+            for _ in range(self.lps):
+                new = lambda *shape: torch.empty(shape, dtype=self._dtype, device=self.device)
+                pair = (new(rows, self.config.hidden_size), new(rows) if bias else None)
+                for tensor in pair:
+                    if tensor is not None:
+                        dist.recv(tensor, src=self._next_rank, group=self._group)
+                received.append(pair)
+        for work in sends:
+            work.wait()
+        return received
 
     def _prefill_pipeline(self, x: Tensor, mask: Tensor) -> Optional[Tensor]:
         """This stage's section over the prompt x [s, b, h]: receive section k-1's outputs
@@ -290,26 +325,44 @@ class StagDecoder:
         return self._logits([out])[-1] if self.is_last else None
 
     def _step_pipeline(self, x: Tensor, t: int) -> List[Tensor]:
-        """Token t on this stage: append slot t (section k-1's output at t-1, received from
-        the previous step's message), run the section, isend its output to the next stage."""
+        """Token t on this stage: cache slot t (K/V of section k-1's output at t-1, received
+        from the previous step's message), run the section, project the next section's K/V
+        of its slot t + 1 from this output and isend them without waiting."""
         k = self.section
         if self._pending_recv is not None:  # none right after prefill: it filled slot t
-            work, previous = self._pending_recv
+            work, slot_kv = self._pending_recv  # [layers, 2, 1, b, g, hd]
             work.wait()
             self._pending_recv = None
-            self._append_memory(k, previous, slot=t)
+            for i in range(self.lps):
+                self._write_slots(i, k, slot_kv[i, 0].permute(1, 2, 0, 3),
+                                  slot_kv[i, 1].permute(1, 2, 0, 3), first_slot=t)
         out = self._run_section(k, x, self._self_rows(k), start=t)
         if not self.is_last:
             self._pending_sends = [(w, o) for w, o in self._pending_sends if not w.is_completed()]
-            out = out.contiguous()
+            slot_kv = self._project_next_slot(out, slot=t + 1)
             self._pending_sends.append(
-                (dist.isend(out, dst=self._next_rank, group=self._group), out))
-        if k > 0:  # section k-1's output at t: slot t + 1, appended by the next step
-            buffer = torch.empty(1, self.batch, self.config.hidden_size, dtype=self._dtype,
-                                 device=self.device)
+                (dist.isend(slot_kv, dst=self._next_rank, group=self._group), slot_kv))
+        if k > 0:  # K/V of section k-1's output at t: slot t + 1, cached by the next step
+            shape = (self.lps, 2, 1, self.batch, self.caches.groups, self.head_dim)
+            buffer = torch.empty(shape, dtype=self._dtype, device=self.device)
             self._pending_recv = (dist.irecv(buffer, src=self._prev_rank, group=self._group),
                                   buffer)
         return [out]
+
+    def _project_next_slot(self, out: Tensor, slot: int) -> Tensor:
+        """This section's output out [1, b, h] as memory slot `slot` of the next section:
+        per layer its keys (RoPE at position `slot`) and values, as
+        StagCrossAttention.project_memory computes them -> [layers, 2, 1, b, g, hd]."""
+        groups, hd = self.caches.groups, self.head_dim
+        pairs = []
+        for weight, bias in self._next_kv:
+            mixed = F.linear(out, weight, bias).view(1, self.batch, groups, 2 * hd)
+            key, value = mixed.chunk(2, dim=-1)  # per group: [k | v], each [1, b, g, hd]
+            if self._slot_rotary is not None:
+                key = compat.apply_rope(key.contiguous(), self._slot_rotary(1, offset=slot),
+                                        self.config)
+            pairs.append(torch.stack([key, value]))
+        return torch.stack(pairs).contiguous()
 
     def _next_tokens(self, logits: Optional[Tensor], sampler: Sampler, batch: int) -> Tensor:
         """The sampler's choice, the same on every rank: mode "pipeline": made on the last
@@ -523,6 +576,12 @@ class StagDecoder:
                              f"max_sequence_length={self.max_len}. Fix: shorten the input, ask "
                              f"for fewer new tokens, or build the StagDecoder with a larger "
                              f"max_sequence_length")
+
+
+def _weight_and_bias(linear) -> List[Tensor]:
+    """A Megatron linear layer's weight and (if it has one) bias."""
+    bias = getattr(linear, "bias", None)
+    return [linear.weight] + ([bias] if isinstance(bias, Tensor) else [])
 
 
 def _with_bias(output_and_bias) -> Tensor:
