@@ -296,9 +296,9 @@ class StagDecoder:
         received = []
         if not self.is_last:
             rows = 2 * self.config.num_query_groups * self.head_dim
-            bias = self.config.add_bias_linear or self.config.add_qkv_bias
+            bias = self.config.add_bias_linear or self.config.add_qkv_bias  # as the module's
+            new = lambda *shape: torch.empty(shape, dtype=self._dtype, device=self.device)
             for _ in range(self.lps):
-                new = lambda *shape: torch.empty(shape, dtype=self._dtype, device=self.device)
                 pair = (new(rows, self.config.hidden_size), new(rows) if bias else None)
                 for tensor in pair:
                     if tensor is not None:
