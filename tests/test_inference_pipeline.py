@@ -78,8 +78,10 @@ def test_pipeline_decode_on_two_stages_matches_one_process(tmp_path):
 
 
 def test_pipeline_decode_on_three_stages_matches_one_process(tmp_path):
-    """A middle stage both receives its memory slots and sends the next section's."""
-    run_pipeline([(dict(num_sections=3, num_query_groups=2), True, 3)], 3, tmp_path)
+    """A middle stage both receives its memory slots and sends the next section's; no biases
+    (the K/V projections sent at setup are weights only)."""
+    run_pipeline([(dict(num_sections=3, num_query_groups=2, normalization="RMSNorm",
+                        add_bias_linear=False), True, 3)], 3, tmp_path)
 
 
 def _stub(**overrides):
