@@ -2,6 +2,7 @@
 
     python bench/decode_latency.py --size 30m --out bench/results/decode_30m.json
     python bench/decode_latency.py --size 100m --contexts 128 512 1024
+    python bench/decode_latency.py --size tiny --contexts 64 --steps 8 --repeats 1   # smoke
 
 For each context length c (batch 1): prefill a random prompt of c - 1 tokens, then decode
 `--steps` tokens after `--warmup` untimed ones; report the median per-token latency, tokens/s,
@@ -17,6 +18,8 @@ repeats) so that machine drift hits all of them alike:
     stag-recurrent    shared weights, one pass per token over its own earlier outputs
     stag-sep-pipe     separate weights, one section per pipeline rank (2 processes launched with
                       torchrun, one thread each): both sections run at once every step
+    gpt-L-tp2         plain GPT, L layers, tensor parallel over 2 ranks (2 processes, one
+                      thread each): the baseline's own use of a second core
 
 The headline column is each variant's latency ratio to gpt-L (speed-up = gpt-L / variant).
 Weights are random: latency does not depend on them. Prints a table and writes JSON.
@@ -40,11 +43,16 @@ SIZES = {  # hidden, heads, total layers L (StagFormer: 2 sections of L/2)
     "100m": dict(hidden=768, heads=12, layers=12, vocab=8192),
 }
 VARIANTS = ("gpt-L", "gpt-L/2", "stag-sep-seq", "stag-shared-seq", "stag-shared-bat",
-            "stag-recurrent", "stag-sep-pipe")
+            "stag-recurrent", "stag-sep-pipe", "gpt-L-tp2")
 PIPELINE = "stag-sep-pipe"
+TENSOR_PARALLEL = "gpt-L-tp2"
+DISTRIBUTED = {  # launched on 2 ranks under torchrun, one thread each
+    PIPELINE: dict(tensor=1, pipeline=2),
+    TENSOR_PARALLEL: dict(tensor=2, pipeline=1),
+}
 
 
-def build(variant: str, size: dict, max_len: int, pipeline: int = 1):
+def build(variant: str, size: dict, max_len: int, pipeline: int = 1, tensor: int = 1):
     from megatron.core import parallel_state
 
     from stag_plugin.config import StagFormerConfig
@@ -54,6 +62,7 @@ def build(variant: str, size: dict, max_len: int, pipeline: int = 1):
     sections, sharing, mode = {
         PIPELINE: (2, "separate", "pipeline"),
         "gpt-L": (1, "separate", "sequential"),
+        TENSOR_PARALLEL: (1, "separate", "sequential"),
         "gpt-L/2": (1, "separate", "sequential"),
         "stag-sep-seq": (2, "separate", "sequential"),
         "stag-shared-seq": (2, "shared", "sequential"),
@@ -65,12 +74,15 @@ def build(variant: str, size: dict, max_len: int, pipeline: int = 1):
     config = StagFormerConfig(
         num_layers=layers, hidden_size=size["hidden"], num_attention_heads=size["heads"],
         num_sections=sections, weight_sharing=sharing, hidden_dropout=0.0,
-        attention_dropout=0.0, use_cpu_initialization=True, pipeline_model_parallel_size=pipeline)
+        attention_dropout=0.0, use_cpu_initialization=True, pipeline_model_parallel_size=pipeline,
+        tensor_model_parallel_size=tensor)
     torch.manual_seed(0)
     model = StagGPTModel(config, vocab_size=size["vocab"], max_sequence_length=max_len,
                          pre_process=parallel_state.is_pipeline_first_stage(),
                          post_process=parallel_state.is_pipeline_last_stage()).eval()
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # parameters of the whole model held here (a tensor-parallel shard counts tensor times)
+    params = sum(p.numel() * (tensor if getattr(p, "tensor_model_parallel", False) else 1)
+                 for p in {id(p): p for p in model.parameters()}.values())
     return model, mode, params
 
 
@@ -104,41 +116,46 @@ def next_token(decoder, logits):
     return token
 
 
-def pipeline_worker(args) -> None:
-    """Under torchrun (2 ranks): the pipeline variant for every context; the last rank writes
-    its timings (JSON) to args.pipeline_worker."""
+def distributed_worker(args) -> None:
+    """Under torchrun (2 ranks): the distributed variant `args.worker` for every context; the
+    last rank writes its timings (JSON) to args.worker_out."""
     from megatron.core import parallel_state
 
     from stag_plugin import train
     from stag_plugin.inference import StagDecoder
 
     torch.set_num_threads(1)
-    train.setup_distributed(1, 2, timeout_minutes=10)
-    model, _, params = build(PIPELINE, SIZES[args.size], max(args.contexts), pipeline=2)
+    layout = DISTRIBUTED[args.worker]
+    train.setup_distributed(layout["tensor"], layout["pipeline"], timeout_minutes=10)
+    model, mode, params = build(args.worker, SIZES[args.size], max(args.contexts), **layout)
     out = {}
     for context in args.contexts:
-        decoder = StagDecoder(model, 1, context, mode="pipeline")
+        decoder = StagDecoder(model, 1, context, mode=mode)
         got = measure(decoder, context, args.steps, args.warmup, SIZES[args.size]["vocab"],
                       seed=args.seed)
         out[context] = dict(got, cache=decoder.cache_bytes())
-    params_all = torch.tensor([params])
-    torch.distributed.all_reduce(params_all)  # both stages' parameters
-    if parallel_state.is_pipeline_last_stage():
-        args.pipeline_worker.write_text(json.dumps({"parameters": int(params_all), "runs": out}))
+    if layout["pipeline"] > 1:  # both stages' parameters
+        params_all = torch.tensor([params])
+        torch.distributed.all_reduce(params_all)
+        params = int(params_all)
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        args.worker_out.write_text(json.dumps({"parameters": params, "runs": out}))
+    parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
 
 
-def run_pipeline(args, repeat: int) -> dict:
-    """Launch the pipeline variant on 2 processes; returns {context: timings}."""
+def run_distributed(args, variant: str, repeat: int) -> dict:
+    """Launch a distributed variant on 2 processes; returns its JSON report."""
     import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "pipeline.json"
+        result = Path(tmp) / "worker.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", __file__, "--pipeline-worker", str(result),
-               "--seed", str(repeat), "--size", args.size, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--contexts", *map(str, args.contexts)]
+               "--nproc-per-node", "2", __file__, "--worker", variant, "--worker-out",
+               str(result), "--seed", str(repeat), "--size", args.size, "--steps",
+               str(args.steps), "--warmup", str(args.warmup),
+               "--contexts", *map(str, args.contexts)]
         subprocess.run(cmd, check=True, timeout=3600,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
         data = json.loads(result.read_text())
@@ -152,21 +169,22 @@ def run(args) -> dict:
     compat.initialize_single_process()
     size = SIZES[args.size]
     max_len = max(args.contexts)
-    local = [v for v in args.variants if v != PIPELINE]
+    local = [v for v in args.variants if v not in DISTRIBUTED]
     models = {v: build(v, size, max_len) for v in local}
     results = {v: {c: {"prefill_s": [], "step_s": []} for c in args.contexts}
                for v in args.variants}
     cache = {}
     for repeat in range(args.repeats):
-        if PIPELINE in args.variants:
-            data = run_pipeline(args, repeat)
-            models[PIPELINE] = (None, "pipeline", data["parameters"])
+        for variant in (v for v in args.variants if v in DISTRIBUTED):
+            data = run_distributed(args, variant, repeat)
+            models[variant] = (None, "pipeline" if variant == PIPELINE else "sequential",
+                               data["parameters"])
             for context in args.contexts:
                 got = data["runs"][str(context)]
-                results[PIPELINE][context]["prefill_s"].append(got["prefill_s"])
-                results[PIPELINE][context]["step_s"] += got["step_s"]
-                cache[(PIPELINE, context)] = got["cache"]
-                print(f"  repeat {repeat + 1}/{args.repeats} context {context:>5} {PIPELINE:<16} "
+                results[variant][context]["prefill_s"].append(got["prefill_s"])
+                results[variant][context]["step_s"] += got["step_s"]
+                cache[(variant, context)] = got["cache"]
+                print(f"  repeat {repeat + 1}/{args.repeats} context {context:>5} {variant:<16} "
                       f"{statistics.median(got['step_s']) * 1e3:8.2f} ms/token",
                       file=sys.stderr, flush=True)
         for context in args.contexts:
@@ -233,15 +251,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="JSON report")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--pipeline-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted(DISTRIBUTED), default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.contexts) <= args.steps + args.warmup:
         parser.error("each context must exceed --steps + --warmup (the prompt is the rest)")
     from stag_plugin.cpu_compat import quiet_known_warnings
 
     quiet_known_warnings()
-    if args.pipeline_worker is not None:
-        pipeline_worker(args)
+    if args.worker is not None:
+        distributed_worker(args)
         return 0
     report = run(args)
     print(table(report))

@@ -1,11 +1,12 @@
-"""Staggered decoding for a single-process StagGPTModel (STAGFORMER.md section 4).
+"""Staggered decoding of a StagGPTModel (STAGFORMER.md section 4): one process, tensor
+parallel ranks, or one section per pipeline rank.
 
 Small named steps around explicit caches, gpt-fast style:
 
     StagDecoder(model, max_batch_size, max_sequence_length, mode)   allocates the caches
     prefill(prompt [b, s])   -> logits [b, vocab]   sections one after another over the prompt
     step(tokens [b])         -> logits [b, vocab]   every section processes the same new token
-    generate(prompt, n, sampler, stop_tokens)       prefill, then sample / step until done
+    generate(prompt, n, sampler, stop_tokens)       stag_plugin.sampling.generate's loop
 
 Positions are explicit: `self.position` is the position of the next token. Token t sits at
 position t in self-attention; in cross-attention its query sits at t + 1 and memory slot j at j
@@ -38,19 +39,28 @@ Modes:
                   point-to-point messages on the pipeline group: prefill runs the stages one
                   after another (stage k receives section k-1's outputs over the prompt, fills
                   its caches, sends its own outputs on); in the step at position t every stage
-                  first appends slot t (section k-1's output at t-1, sent during the previous
-                  step), runs token t, and sends its output to the next stage without waiting
-                  (isend). Only the last stage returns logits (others None); `generate` samples
-                  there and broadcasts the token over the pipeline group. `finish()` settles the
-                  messages of the last step (generate and prefill call it).
+                  first caches slot t (K/V of section k-1's output at t-1, sent during the
+                  previous step), runs token t, projects its output to the next section's
+                  cross-attention K/V of slot t + 1 (a copy of those weights is sent once, at
+                  setup, by the next stage) and sends them without waiting (isend): the
+                  projection moves from the heavier later stage to this one. Only the last
+                  stage returns logits (others None); `generate` samples there and broadcasts
+                  the token over the pipeline group. `finish()` settles the messages of the
+                  last step (generate and prefill call it).
+
+Tensor parallelism (modes sequential / batched / recurrent, pipeline size 1): every TP rank
+runs the same steps on its own heads (the caches hold num_query_groups / tp groups); Megatron's
+row-parallel projections (linear_proj, linear_fc2) all-reduce, the embedding all-reduces, and the
+logits are gathered to the full vocabulary on every rank, so greedy choices agree; a random
+choice in `generate` is made on the first TP rank and broadcast.
 
 Every layer is computed with the model's own submodules (norms, linear_qkv, linear_proj,
 StagCrossAttention.project_query/project_memory, mlp, final_layernorm, embedding, output_layer).
+The plain-PyTorch counterpart (no Megatron) is stag_plugin.reference_decode.ReferenceDecoder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -60,61 +70,11 @@ from torch import Tensor
 import torch.distributed as dist
 
 from stag_plugin import megatron_compat as compat
+from stag_plugin import sampling
 from stag_plugin.attention import cross_attention_mask
+from stag_plugin.sampling import Sampler  # noqa: F401  (stag_plugin.inference.Sampler)
 
 MODES = ("sequential", "batched", "recurrent", "pipeline")
-
-
-# ---------------------------------------------------------------------------- sampling
-
-
-@dataclass
-class Sampler:
-    """Next-token choice from logits [b, vocab], outside the model.
-
-    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the
-    top_k most likely tokens and to the smallest set whose probability reaches top_p.
-    `seed` makes sampling reproducible (a torch.Generator owned by the sampler).
-    """
-
-    temperature: float = 0.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"Sampler temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"Sampler top_k={self.top_k} must be None or >= 1")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"Sampler top_p={self.top_p} must be None or in (0, 1]")
-        self.generator = None
-        if self.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.seed)
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        """logits [b, vocab] -> token ids [b] (int64, on the logits' device)."""
-        if self.temperature == 0.0:
-            return logits.argmax(dim=-1)
-        scores = logits.float() / self.temperature
-        if self.top_k is not None and self.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1.0:
-            scores = _top_p_filter(scores, self.top_p)
-        probs = scores.softmax(dim=-1).cpu()  # sampled on the CPU: one generator everywhere
-        tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-        return tokens.to(logits.device)
-
-
-def _top_p_filter(scores: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of highest-probability tokens whose mass reaches top_p."""
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - sorted_scores.softmax(dim=-1) >= top_p  # mass before this token
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
 
 
 # ---------------------------------------------------------------------------- caches
@@ -163,16 +123,19 @@ class StagCaches:
 
 
 class StagDecoder:
-    """Staggered incremental decoding of a StagGPTModel (tensor/pipeline parallel size 1, or
-    mode "pipeline": one section per pipeline stage).
+    """Staggered incremental decoding of a StagGPTModel (pipeline parallel size 1 and any
+    tensor parallel size, or mode "pipeline": one section per pipeline stage, TP 1).
 
     Args:
-        model: a StagGPTModel with every section on this process (mode "pipeline": this
-            rank's stage of it); put in eval mode here.
+        model: a StagGPTModel with every section on this process (its tensor-parallel shard
+            under TP; mode "pipeline": this rank's stage of it); put in eval mode here.
         max_batch_size: most sequences decoded together.
         max_sequence_length: most positions (prompt + generated tokens fed back) per sequence.
         mode: "sequential", "batched" (shared weights), "recurrent" (shared weights, p >= 2)
-            or "pipeline" (pipeline size = num_sections; see the module docstring).
+            or "pipeline" (pipeline size = num_sections; see the module docstring). In mode
+            "pipeline" build the decoder on every rank at once: the constructor sends each
+            stage a copy of the next section's cross-attention K/V projection (2 h^2 per
+            layer of extra memory on every stage but the last).
     """
 
     def __init__(self, model, max_batch_size: int, max_sequence_length: int,
@@ -181,7 +144,7 @@ class StagDecoder:
         _check_model(model, config, max_sequence_length, mode)
         if max_batch_size < 1 or max_sequence_length < 1:
             raise ValueError(f"max_batch_size={max_batch_size} and max_sequence_length="
-                             f"{max_sequence_length} must both be >= 1")
+                             f"{max_sequence_length} must both be >= 1. Fix: pass positive sizes")
         self.model = model.eval()
         self.config, self.mode = config, mode
         self.p, self.lps = config.num_sections, config.layers_per_section
@@ -194,6 +157,7 @@ class StagDecoder:
         self.softmax_scale = attention.core_attention.softmax_scale
         param = model.embedding.word_embeddings.weight
         self.pipelined = mode == "pipeline"
+        self.tp_size = config.tensor_model_parallel_size  # caches hold this rank's heads
         # Sections run on this process (global indices), and their rows in the caches.
         local = model.stage.sections if self.pipelined else tuple(range(self.p))
         self._local = {k: j for j, k in enumerate(local)}
@@ -202,9 +166,15 @@ class StagDecoder:
                                  attention.num_query_groups_per_partition, max_sequence_length,
                                  self.cross_len, self.head_dim, param.dtype, param.device,
                                  cross_sections=len(self._cross))
+        self.device = param.device
         if self.pipelined:
             self._setup_pipeline(local[0])
-        self.device = param.device
+        if self.tp_size > 1:
+            # Megatron's logits gather allocates on the current CUDA device; on a CPU-only
+            # machine the project's compatibility layer redirects it (idempotent; no-op on GPU).
+            from stag_plugin.cpu_compat import apply_cpu_compat
+
+            apply_cpu_compat()
         self.batch = 0
         self.position = 0  # position of the next token; cross caches hold slots 0..position
 
@@ -222,8 +192,9 @@ class StagDecoder:
         batch, length = input_ids.shape
         if batch > self.max_batch_size:
             raise ValueError(f"batch of {batch} prompts exceeds max_batch_size="
-                             f"{self.max_batch_size}; build the StagDecoder with a larger one")
-        self._check_room(length, "prompt")
+                             f"{self.max_batch_size}. Fix: build the StagDecoder with "
+                             f"max_batch_size >= {batch}")
+        self.check_room(length, "prompt")
         self.finish()
         self.batch, self.position = batch, 0
         self.caches.for_batch(batch)
@@ -245,11 +216,13 @@ class StagDecoder:
         """One new token per sequence, ids [b] -> logits [b, vocab] for the token after it
         (mode "pipeline": on the last stage; None elsewhere)."""
         if self.batch == 0:
-            raise ValueError("call prefill(prompt) before step()")
+            raise ValueError("step() reads the caches that prefill fills, and nothing was "
+                             "prefilled. Fix: call prefill(prompt) before step()")
         if input_ids.shape != (self.batch,):
             raise ValueError(f"step takes one token per sequence, ids of shape [{self.batch}]; "
-                             f"got {tuple(input_ids.shape)}")
-        self._check_room(self.position + 1, "prompt + generated tokens")
+                             f"got {tuple(input_ids.shape)}. Fix: pass the last token of each "
+                             "of the prefilled sequences")
+        self.check_room(self.position + 1, "prompt + generated tokens")
         t = self.position
         x = self._embed(input_ids.to(self.device).view(self.batch, 1), start=t)  # [1, b, h]
         if self.pipelined:
@@ -263,31 +236,18 @@ class StagDecoder:
         return self._logits(outs)[0]
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int, sampler: Sampler,
-                 stop_tokens=None) -> List[List[int]]:
-        """Decode up to `max_new_tokens` tokens after each prompt of `prompt_ids` [b, s].
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int,
+                 sampler: Optional[Sampler] = None, stop_tokens=None) -> List[List[int]]:
+        """Decode up to `max_new_tokens` tokens after each prompt of `prompt_ids` [b, s]
+        (stag_plugin.sampling.generate: per-sequence stop tokens, sampler None = greedy).
 
-        stop_tokens: None, token ids for every sequence, or one collection per sequence. A
-        sequence ends after emitting a stop token (kept in its list); finished sequences stop
-        growing while the others go on. Returns the new tokens of each sequence.
-
-        Mode "pipeline": call it on every rank with the same arguments; the last stage samples
-        and broadcasts each token, and every rank returns the same tokens."""
-        batch, length = prompt_ids.shape
-        self._check_room(length + max_new_tokens, "prompt + max_new_tokens")
-        stops = _stop_sets(stop_tokens, batch)
-        tokens: List[List[int]] = [[] for _ in range(batch)]
-        done = [False] * batch
-        logits = self.prefill(prompt_ids)
-        for n in range(max_new_tokens):
-            next_ids = self._next_tokens(logits, sampler, batch)
-            for i, token in enumerate(next_ids.tolist()):
-                if not done[i]:
-                    tokens[i].append(token)
-                    done[i] = token in stops[i]
-            if all(done) or n == max_new_tokens - 1:
-                break
-            logits = self.step(next_ids)
+        Tensor or pipeline parallel: call it on every rank with the same arguments; every rank
+        returns the same tokens (chosen on one rank and broadcast where they could differ)."""
+        sampler = sampler or Sampler()
+        batch = prompt_ids.shape[0]
+        tokens = sampling.generate(self, prompt_ids, max_new_tokens, sampler, stop_tokens,
+                                   next_tokens=lambda logits: self._next_tokens(logits, sampler,
+                                                                                batch))
         self.finish()
         return tokens
 
@@ -316,8 +276,37 @@ class StagDecoder:
         self._prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
         self._last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         self._dtype = self.model.embedding.word_embeddings.weight.dtype
-        self._pending_recv = None  # (work, buffer): section k-1's output of the last step
+        self._pending_recv = None  # (work, buffer): K/V of this stage's slot from the last step
         self._pending_sends: list = []  # (work, tensor) in flight to the next stage
+        self._next_kv = self._share_slot_weights()
+        self._slot_rotary = (compat.rotary_embedding(self.config)
+                             if self.config.cross_attention_rope else None)
+
+    def _share_slot_weights(self) -> List[tuple]:
+        """Each stage sends its layers' cross-attention K/V projection (linear_kv weight, bias)
+        to the stage before, once: that stage projects its own output for the new memory slot
+        of every step (moving 2h^2 per layer off the next, heavier stage). Returns the next
+        section's [(weight [2 * groups * hd, h], bias or None)] per layer (last stage: [])."""
+        sends = []
+        if self.section > 0:
+            for layer in self._block(self.section).layers:
+                for tensor in _weight_and_bias(layer.cross_attention.linear_kv):
+                    sends.append(dist.isend(tensor.detach().contiguous(), dst=self._prev_rank,
+                                            group=self._group))
+        received = []
+        if not self.is_last:
+            rows = 2 * self.config.num_query_groups * self.head_dim
+            bias = self.config.add_bias_linear or self.config.add_qkv_bias  # as the module's
+            new = lambda *shape: torch.empty(shape, dtype=self._dtype, device=self.device)
+            for _ in range(self.lps):
+                pair = (new(rows, self.config.hidden_size), new(rows) if bias else None)
+                for tensor in pair:
+                    if tensor is not None:
+                        dist.recv(tensor, src=self._next_rank, group=self._group)
+                received.append(pair)
+        for work in sends:
+            work.wait()
+        return received
 
     def _prefill_pipeline(self, x: Tensor, mask: Tensor) -> Optional[Tensor]:
         """This stage's section over the prompt x [s, b, h]: receive section k-1's outputs
@@ -336,36 +325,67 @@ class StagDecoder:
         return self._logits([out])[-1] if self.is_last else None
 
     def _step_pipeline(self, x: Tensor, t: int) -> List[Tensor]:
-        """Token t on this stage: append slot t (section k-1's output at t-1, received from
-        the previous step's message), run the section, isend its output to the next stage."""
+        """Token t on this stage: cache slot t (K/V of section k-1's output at t-1, received
+        from the previous step's message), run the section, project the next section's K/V
+        of its slot t + 1 from this output and isend them without waiting."""
         k = self.section
         if self._pending_recv is not None:  # none right after prefill: it filled slot t
-            work, previous = self._pending_recv
+            work, slot_kv = self._pending_recv  # [layers, 2, 1, b, g, hd]
             work.wait()
             self._pending_recv = None
-            self._append_memory(k, previous, slot=t)
+            for i in range(self.lps):
+                self._write_slots(i, k, slot_kv[i, 0].permute(1, 2, 0, 3),
+                                  slot_kv[i, 1].permute(1, 2, 0, 3), first_slot=t)
         out = self._run_section(k, x, self._self_rows(k), start=t)
         if not self.is_last:
             self._pending_sends = [(w, o) for w, o in self._pending_sends if not w.is_completed()]
-            out = out.contiguous()
+            slot_kv = self._project_next_slot(out, slot=t + 1)
             self._pending_sends.append(
-                (dist.isend(out, dst=self._next_rank, group=self._group), out))
-        if k > 0:  # section k-1's output at t: slot t + 1, appended by the next step
-            buffer = torch.empty(1, self.batch, self.config.hidden_size, dtype=self._dtype,
-                                 device=self.device)
+                (dist.isend(slot_kv, dst=self._next_rank, group=self._group), slot_kv))
+        if k > 0:  # K/V of section k-1's output at t: slot t + 1, cached by the next step
+            shape = (self.lps, 2, 1, self.batch, self.caches.groups, self.head_dim)
+            buffer = torch.empty(shape, dtype=self._dtype, device=self.device)
             self._pending_recv = (dist.irecv(buffer, src=self._prev_rank, group=self._group),
                                   buffer)
         return [out]
 
+    def _project_next_slot(self, out: Tensor, slot: int) -> Tensor:
+        """This section's output out [1, b, h] as memory slot `slot` of the next section:
+        per layer its keys (RoPE at position `slot`) and values, as
+        StagCrossAttention.project_memory computes them -> [layers, 2, 1, b, g, hd]."""
+        groups, hd = self.caches.groups, self.head_dim
+        pairs = []
+        for weight, bias in self._next_kv:
+            mixed = F.linear(out, weight, bias).view(1, self.batch, groups, 2 * hd)
+            key, value = mixed.chunk(2, dim=-1)  # per group: [k | v], each [1, b, g, hd]
+            if self._slot_rotary is not None:
+                key = compat.apply_rope(key.contiguous(), self._slot_rotary(1, offset=slot),
+                                        self.config)
+            pairs.append(torch.stack([key, value]))
+        return torch.stack(pairs).contiguous()
+
     def _next_tokens(self, logits: Optional[Tensor], sampler: Sampler, batch: int) -> Tensor:
-        """The sampler's choice; mode "pipeline": made on the last stage, broadcast to all."""
-        if not self.pipelined:
-            return sampler(logits)
-        if self.is_last:
+        """The sampler's choice, the same on every rank: mode "pipeline": made on the last
+        stage and broadcast; tensor parallel: the gathered logits are equal on every rank, so
+        argmax agrees, and a random choice is made on the first rank and broadcast."""
+        if self.pipelined:
+            return self._broadcast_choice(logits, sampler, batch, self._last_rank, self._group)
+        if self.tp_size > 1 and not sampler.greedy:
+            from megatron.core import parallel_state
+
+            return self._broadcast_choice(
+                logits, sampler, batch, parallel_state.get_tensor_model_parallel_src_rank(),
+                parallel_state.get_tensor_model_parallel_group())
+        return sampler(logits)
+
+    def _broadcast_choice(self, logits: Optional[Tensor], sampler: Sampler, batch: int,
+                          source: int, group) -> Tensor:
+        """Sample on global rank `source`, broadcast the ids [b] over `group`."""
+        if dist.get_rank() == source:
             tokens = sampler(logits).to(torch.int64).contiguous()
         else:
             tokens = torch.empty(batch, dtype=torch.int64, device=self.device)
-        dist.broadcast(tokens, src=self._last_rank, group=self._group)
+        dist.broadcast(tokens, src=source, group=group)
         return tokens
 
     # ------------------------------------------------------------------ step variants
@@ -544,15 +564,24 @@ class StagDecoder:
                          for k, out in enumerate(outs))
         else:
             hidden = outs[-1]
-        logits, _ = model.output_layer(hidden, weight=model._output_weight())
+        # Tensor parallel: each rank's vocabulary slice, gathered to the full vocabulary.
+        logits, _ = model.output_layer(hidden, weight=model._output_weight(),
+                                       runtime_gather_output=True)
         return logits
 
-    def _check_room(self, length: int, what: str) -> None:
+    def check_room(self, length: int, what: str) -> None:
+        """Refuse `length` positions when the caches hold fewer."""
         if length > self.max_len:
             raise ValueError(f"{what} needs {length} positions but the decoder holds "
-                             f"max_sequence_length={self.max_len}; shorten the input, ask for "
-                             f"fewer new tokens, or build the StagDecoder with a larger "
+                             f"max_sequence_length={self.max_len}. Fix: shorten the input, ask "
+                             f"for fewer new tokens, or build the StagDecoder with a larger "
                              f"max_sequence_length")
+
+
+def _weight_and_bias(linear) -> List[Tensor]:
+    """A Megatron linear layer's weight and (if it has one) bias."""
+    bias = getattr(linear, "bias", None)
+    return [linear.weight] + ([bias] if isinstance(bias, Tensor) else [])
 
 
 def _with_bias(output_and_bias) -> Tensor:
@@ -561,30 +590,19 @@ def _with_bias(output_and_bias) -> Tensor:
     return output if bias is None else output + bias
 
 
-def _stop_sets(stop_tokens, batch: int) -> List[set]:
-    if stop_tokens is None:
-        return [set() for _ in range(batch)]
-    stop_tokens = list(stop_tokens)
-    if all(isinstance(s, int) for s in stop_tokens):
-        return [set(stop_tokens) for _ in range(batch)]
-    if len(stop_tokens) != batch:
-        raise ValueError(f"stop_tokens: give token ids for every sequence, or one collection "
-                         f"per sequence ({batch}); got {len(stop_tokens)} collections")
-    return [set(s) for s in stop_tokens]
-
-
 def _check_model(model, config, max_sequence_length: int, mode: str) -> None:
     """Refuse what this engine cannot decode, saying what to do instead."""
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        raise ValueError(f"mode={mode!r} is not one of {MODES}. Fix: pick one of them")
     if mode == "pipeline":
         _check_pipeline_layout(config)
-    elif config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
+    elif config.pipeline_model_parallel_size != 1:
         raise ValueError(
-            f"StagDecoder decodes a single-process model; this one has tensor_model_parallel_size"
-            f"={config.tensor_model_parallel_size}, pipeline_model_parallel_size="
-            f"{config.pipeline_model_parallel_size}. Fix: load the checkpoint into a model built "
-            "with both sizes 1 (distributed checkpoints reshard on load)")
+            f"mode={mode!r} decodes a model with every section on this process (pipeline_model_"
+            f"parallel_size=1, any tensor_model_parallel_size); this one has pipeline_model_"
+            f"parallel_size={config.pipeline_model_parallel_size}. Fix: use mode='pipeline' "
+            f"(pipeline size = num_sections), or load the checkpoint into a model built with "
+            "pipeline_model_parallel_size=1 (distributed checkpoints reshard on load)")
     shared = config.weight_sharing == "shared"
     if mode in ("batched", "recurrent") and not shared:
         raise ValueError(f"mode={mode!r} needs shared section weights (weight_sharing='shared'); "
@@ -592,17 +610,18 @@ def _check_model(model, config, max_sequence_length: int, mode: str) -> None:
                          "mode='sequential'")
     if mode == "recurrent" and config.num_sections < 2:
         raise ValueError("mode='recurrent' needs num_sections >= 2 (it reuses the "
-                         "cross-attention of sections 2..p); use mode='sequential'")
+                         "cross-attention of sections 2..p). Fix: use mode='sequential'")
     unsupported = {"apply_residual_connection_post_layernorm":
                    config.apply_residual_connection_post_layernorm,
                    "sequence_parallel": config.sequence_parallel}
     bad = [name for name, flag in unsupported.items() if flag]
     if bad:
-        raise ValueError(f"StagDecoder does not implement {bad}; set them to False")
+        raise ValueError(f"StagDecoder does not implement {bad}. Fix: set them to False")
     if (config.position_embedding_type == "learned_absolute"
             and max_sequence_length > model.max_sequence_length):
         raise ValueError(f"max_sequence_length={max_sequence_length} exceeds the model's "
-                         f"learned positions ({model.max_sequence_length}); use at most that")
+                         f"learned positions ({model.max_sequence_length}). Fix: use at most "
+                         f"{model.max_sequence_length}")
 
 
 def _check_pipeline_layout(config) -> None:

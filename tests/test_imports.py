@@ -36,6 +36,38 @@ def test_reference_imports_without_megatron():
     assert "torch.Size([1, 5, 32])" in result.stdout
 
 
+def test_inference_folder_decodes_without_megatron(tmp_path):
+    """A converted inference folder loads into the reference model and decodes with
+    ReferenceDecoder (shared sampling loop) while any import of megatron fails."""
+    result = run_python(f"""
+        import sys
+        sys.modules["megatron"] = None  # any import of megatron now fails
+        import torch
+        from stag_plugin.inference_folder import load_inference_folder, save_inference_folder
+        from stag_plugin.reference import ReferenceConfig, StagFormer
+        from stag_plugin.reference_decode import ReferenceDecoder
+        from stag_plugin.sampling import Sampler
+        cfg = ReferenceConfig(vocab_size=32, max_sequence_length=16, num_layers=4, hidden_size=16,
+                              num_attention_heads=2, num_query_groups=1, ffn_hidden_size=32,
+                              head_dim=8, cross_attention_window=2)
+        torch.manual_seed(0)
+        folder = save_inference_folder({str(tmp_path / "folder")!r}, cfg,
+                                       StagFormer(cfg).state_dict())
+        model = load_inference_folder(folder).model
+        tokens = torch.randint(0, 32, (2, 9))
+        decoder = ReferenceDecoder(model, max_batch_size=2, max_sequence_length=9)
+        logits = [decoder.prefill(tokens[:, :3])]
+        logits += [decoder.step(tokens[:, t]) for t in range(3, 9)]
+        diff = (torch.stack(logits, 1) - model(tokens)[:, 2:]).abs().max().item()
+        new = decoder.generate(tokens[:, :3], 4, Sampler(temperature=1.0, seed=0))
+        loaded = [name for name, module in sys.modules.items()
+                  if name.startswith("megatron") and module is not None]
+        print("diff", diff < 1e-5, [len(seq) for seq in new], loaded)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "diff True [4, 4] []" in result.stdout, result.stdout
+
+
 def test_broken_transformer_engine_gets_a_clear_message(tmp_path):
     fake = tmp_path / "transformer_engine"
     fake.mkdir()

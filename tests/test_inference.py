@@ -136,21 +136,6 @@ def test_generate_stops_each_sequence_at_its_own_stop_token():
     assert shared[1] == expected
 
 
-def test_sampler():
-    logits = torch.randn(4, 96, generator=torch.Generator().manual_seed(fresh_seed()))
-    greedy = logits.argmax(dim=-1)
-    assert torch.equal(Sampler()(logits), greedy)
-    assert torch.equal(Sampler(temperature=1.0, top_k=1, seed=1)(logits), greedy)
-    assert torch.equal(Sampler(temperature=1.0, top_p=1e-6, seed=1)(logits), greedy)
-    first = [Sampler(temperature=0.8, top_k=20, top_p=0.9, seed=7)(logits) for _ in range(2)]
-    assert torch.equal(first[0], first[1])
-    top5 = logits.topk(5, dim=-1).indices
-    sampled = Sampler(temperature=2.0, top_k=5, seed=3)(logits)
-    assert (top5 == sampled[:, None]).any(dim=-1).all()
-    with pytest.raises(ValueError, match="top_p"):
-        Sampler(temperature=1.0, top_p=1.5)
-
-
 def test_recurrent_mode_reads_its_own_outputs():
     """Recurrent decode against a direct computation with section 2's block: memory slots of
     the prompt come from section 1, later slots from the pass's own earlier outputs."""
@@ -195,19 +180,20 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="num_sections >= 2"):
         StagDecoder(plain, 2, 16, mode="recurrent")
     fake = types.SimpleNamespace(config=copy.copy(separate.config))
-    fake.config.tensor_model_parallel_size = 2
-    with pytest.raises(ValueError, match="single-process.*both sizes 1"):
+    fake.config.pipeline_model_parallel_size = 2
+    with pytest.raises(ValueError, match="every section on this process.*Fix: use mode='pipeline'"):
         StagDecoder(fake, 2, 16)
     decoder = StagDecoder(separate, 2, 8)
-    with pytest.raises(ValueError, match="before step"):
+    with pytest.raises(ValueError, match="Fix: call prefill\\(prompt\\) before step"):
         decoder.step(torch.zeros(2, dtype=torch.long))
     tokens, _ = random_tokens(3, 9, 0)
-    with pytest.raises(ValueError, match="max_sequence_length=8.*larger"):
+    with pytest.raises(ValueError, match="max_sequence_length=8. Fix:.*larger"):
         decoder.prefill(tokens[:2])
-    with pytest.raises(ValueError, match="max_batch_size"):
+    with pytest.raises(ValueError, match="max_batch_size=2. Fix:.*max_batch_size >= 3"):
         decoder.prefill(tokens[:, :4])
-    with pytest.raises(ValueError, match="prompt \\+ max_new_tokens needs 10"):
+    with pytest.raises(ValueError, match="prompt \\+ max_new_tokens - 1 needs 9"):
         decoder.generate(tokens[:2, :4], 6, Sampler())
+    assert len(decoder.generate(tokens[:2, :4], 5, Sampler())[0]) == 5  # 8 positions: fits
     decoder.prefill(tokens[:2, :8])
     with pytest.raises(ValueError, match="needs 9 positions"):
         decoder.step(tokens[:2, 0])

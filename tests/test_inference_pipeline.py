@@ -1,9 +1,10 @@
 """StagDecoder mode "pipeline": one section per pipeline stage, point-to-point at the edges.
 
-Two real processes (torchrun, gloo) decode a 2-section model (2 x 2 layers, hidden 32) built
-with pipeline size 2 from the weights of a one-process model: the last stage's logits of
-prefill + steps equal sequential-mode decoding of the one-process model (max abs diff < 1e-4)
-and greedy generation gives the same tokens on every rank. The refusals run in this process.
+Real processes (torchrun, gloo) decode a 2-section model (2 x 2 layers, hidden 32) built with
+pipeline size 2, and a 3-section model on 3 stages, from the weights of a one-process model: the
+last stage's logits of prefill + steps equal sequential-mode decoding of the one-process model
+(max abs diff < 1e-4) and greedy generation gives the same tokens on every rank. The refusals run
+in this process.
 """
 
 import os
@@ -41,32 +42,46 @@ def sequential(model, tokens, prompt):
     return torch.stack(logits, dim=1), decoder.generate(tokens[:, :length], new, Sampler())
 
 
-def test_pipeline_decode_on_two_stages_matches_one_process(tmp_path):
+def run_pipeline(cases_spec, stages, tmp_path):
+    """Decode every (overrides, tied, prompt) case on `stages` torchrun processes and in one
+    process; compare the last stage's logits and every rank's greedy tokens."""
     seed = fresh_seed()
     cases, expected = [], []
-    for i, (overrides, tied, prompt) in enumerate(CASES):
-        model = build_model(tiny_config(**TINY, **overrides), perturb=0.5, seed=seed % 1000 + i,
+    for i, (overrides, tied, prompt) in enumerate(cases_spec):
+        config = dict(TINY, **overrides)
+        model = build_model(tiny_config(**config), perturb=0.5, seed=seed % 1000 + i,
                             share_embeddings_and_output_weights=tied)
         tokens, _ = random_tokens(2, LENGTH, seed + i)
-        cases.append(dict(config=dict(TINY, **overrides), tied=tied, state=model.state_dict(),
+        cases.append(dict(config=config, tied=tied, state=model.state_dict(),
                           tokens=tokens, prompt=prompt, generate=GENERATE))
         with torch.no_grad():
             expected.append(sequential(model, tokens, prompt))
     torch.save(cases, tmp_path / "cases.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(stages),
            "--master-port", str(free_port()), str(WORKER), str(tmp_path / "cases.pt"),
            str(tmp_path)]
     code, output = run_command(cmd, timeout=DEADLINE, cwd=REPO,
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert code == 0, output[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(stages)]
     for i, (logits, generated) in enumerate(expected):
-        assert ranks[0][i]["logits"] is None
-        diff = (ranks[1][i]["logits"] - logits).abs().max().item()
+        assert all(ranks[r][i]["logits"] is None for r in range(stages - 1))
+        diff = (ranks[-1][i]["logits"] - logits).abs().max().item()
         print(f"case {i}: pipeline vs sequential logits, max abs diff {diff:.1e}")
         assert diff < 1e-4, f"seed {seed}, case {i}: max abs diff {diff}"
-        for r in range(2):
+        for r in range(stages):
             assert ranks[r][i]["generated"] == generated, f"seed {seed}, case {i}, rank {r}"
+
+
+def test_pipeline_decode_on_two_stages_matches_one_process(tmp_path):
+    run_pipeline(CASES, 2, tmp_path)
+
+
+def test_pipeline_decode_on_three_stages_matches_one_process(tmp_path):
+    """A middle stage both receives its memory slots and sends the next section's; no biases
+    (the K/V projections sent at setup are weights only)."""
+    run_pipeline([(dict(num_sections=3, num_query_groups=2, normalization="RMSNorm",
+                        add_bias_linear=False), True, 3)], 3, tmp_path)
 
 
 def _stub(**overrides):
@@ -97,6 +112,6 @@ def test_pipeline_mode_refuses_other_layouts(overrides, message):
 
 
 def test_other_modes_still_refuse_a_pipelined_model():
-    with pytest.raises(ValueError, match="single-process model"):
+    with pytest.raises(ValueError, match="every section on this process.*mode='pipeline'"):
         StagDecoder(_stub(num_sections=2, pipeline_model_parallel_size=2), max_batch_size=1,
                     max_sequence_length=8, mode="sequential")

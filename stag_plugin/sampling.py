@@ -1,0 +1,136 @@
+"""Sampling and the generate loop shared by every decoder. Plain PyTorch, no Megatron import.
+
+    Sampler(temperature, top_k, top_p, seed)(logits [b, vocab]) -> token ids [b]
+    generate(decoder, prompt [b, s], max_new_tokens, sampler, stop_tokens)
+        prefill -> sample -> step -> sample -> ... until every sequence hit a stop token
+
+A decoder is anything with the three methods of `Decoder` (stag_plugin.inference.StagDecoder,
+stag_plugin.reference_decode.ReferenceDecoder). Where the ranks of a parallel decoder must agree
+on the next token, the decoder passes a `next_tokens(logits) -> ids [b]` hook that samples on one
+rank and shares the choice (pipeline mode: logits exist on the last stage only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Sampler:
+    """Next-token choice from logits [b, vocab], outside the model.
+
+    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the
+    top_k most likely tokens and to the smallest set whose probability reaches top_p.
+    `seed` makes sampling reproducible (a torch.Generator owned by the sampler).
+    """
+
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"Sampler temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"Sampler top_k={self.top_k} must be None or >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"Sampler top_p={self.top_p} must be None or in (0, 1]")
+        self.generator = None
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        """True when the choice is a deterministic function of the logits (argmax)."""
+        return self.temperature == 0.0
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """logits [b, vocab] -> token ids [b] (int64, on the logits' device)."""
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        scores = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            scores = _top_p_filter(scores, self.top_p)
+        probs = scores.softmax(dim=-1).cpu()  # sampled on the CPU: one generator everywhere
+        tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return tokens.to(logits.device)
+
+
+def _top_p_filter(scores: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of highest-probability tokens whose mass reaches top_p."""
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_scores.softmax(dim=-1) >= top_p  # mass before this token
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def stop_sets(stop_tokens, batch: int) -> List[set]:
+    """None, token ids for every sequence, or one collection per sequence -> one set each."""
+    if stop_tokens is None:
+        return [set() for _ in range(batch)]
+    stop_tokens = list(stop_tokens)
+    if all(isinstance(s, int) for s in stop_tokens):
+        return [set(stop_tokens) for _ in range(batch)]
+    if len(stop_tokens) != batch:
+        raise ValueError(f"stop_tokens: give token ids for every sequence, or one collection "
+                         f"per sequence ({batch}); got {len(stop_tokens)} collections. Fix: "
+                         f"pass a list of {batch} collections, or one flat list of ids")
+    return [set(s) for s in stop_tokens]
+
+
+class Decoder(Protocol):
+    """What `generate` needs from a decoder."""
+
+    def prefill(self, input_ids: Tensor) -> Optional[Tensor]:
+        """Prompt [b, s] -> logits [b, vocab] at its last position (None on ranks that make
+        no logits)."""
+
+    def step(self, input_ids: Tensor) -> Optional[Tensor]:
+        """One token per sequence [b] -> logits [b, vocab] of the next position."""
+
+    def check_room(self, length: int, what: str) -> None:
+        """Raise ValueError (naming the fix) if `length` positions do not fit the caches."""
+
+
+@torch.no_grad()
+def generate(decoder: Decoder, prompt_ids: Tensor, max_new_tokens: int,
+             sampler: Optional[Sampler] = None, stop_tokens=None,
+             next_tokens: Optional[Callable[[Optional[Tensor]], Tensor]] = None
+             ) -> List[List[int]]:
+    """Decode up to `max_new_tokens` tokens after each prompt of `prompt_ids` [b, s].
+
+    sampler: the choice of each token (None = greedy). stop_tokens: None, token ids for every
+    sequence, or one collection per sequence; a sequence ends after emitting a stop token (kept
+    in its list) and stops growing while the others go on. next_tokens: logits -> ids [b],
+    default the sampler itself. Returns the new tokens of each sequence."""
+    batch, length = prompt_ids.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1. Fix: ask for at least "
+                         "one token")
+    # n new tokens feed n - 1 of them back: prompt + n - 1 positions
+    decoder.check_room(length + max_new_tokens - 1, "prompt + max_new_tokens - 1")
+    sampler = sampler or Sampler()
+    choose = next_tokens or sampler
+    stops = stop_sets(stop_tokens, batch)
+    tokens: List[List[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    logits = decoder.prefill(prompt_ids)
+    for n in range(max_new_tokens):
+        next_ids = choose(logits)  # [b]
+        for i, token in enumerate(next_ids.tolist()):
+            if not done[i]:
+                tokens[i].append(token)
+                done[i] = token in stops[i]
+        if all(done) or n == max_new_tokens - 1:
+            break
+        logits = decoder.step(next_ids)
+    return tokens

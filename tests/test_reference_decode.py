@@ -1,0 +1,286 @@
+"""ReferenceDecoder (stag_plugin.reference_decode), the Megatron-free decoder of the reference
+StagFormer, held to:
+  (a) the reference model's teacher-forced forward (fp32, max abs diff < 1e-4; same greedy
+      tokens) for every variant, mode and prompt length;
+  (b) StagDecoder on the same weights (a Megatron StagGPTModel mapped with name_map), step by
+      step, in modes sequential, batched and recurrent;
+  (c) generate with per-sequence stops, and cross caches sized by the window;
+  (d) clear errors;
+and a bf16 smoke test. Random weights and tokens come from a fresh seed per test (printed on
+failure)."""
+
+import itertools
+
+import pytest
+import torch
+
+from stag_plugin.reference import ReferenceConfig, StagFormer
+from stag_plugin.reference_decode import ReferenceDecoder
+from stag_plugin.sampling import Sampler
+from stag_testing import fresh_seed, perturb_parameters, random_tokens, variant_id
+
+VOCAB, MAX_LEN = 96, 64
+LENGTH = 12  # tokens per test sequence
+PROMPTS = (1, 5)  # a single token, and longer than every window tested
+
+GRID = [dict(num_sections=1)] + [
+    dict(num_sections=p, weight_sharing=w, cross_attention_window=win)
+    for p, w, win in itertools.product((2, 3), ("separate", "shared"), (1, 3, None))
+]
+EXTRA = [
+    dict(num_sections=2, num_query_groups=2),  # GQA
+    dict(num_sections=3, num_query_groups=1, weight_sharing="shared", cross_attention_window=2,
+         output_combination="learned"),
+    dict(num_sections=3, output_combination="learned", cross_attention_window=3),
+    dict(num_sections=2, position_embedding_type="learned_absolute", cross_attention_rope=False),
+    dict(num_sections=2, cross_attention_rope=False),
+    dict(num_sections=2, normalization="RMSNorm", linear_bias=False, qkv_bias=False),
+    dict(num_sections=2, gated_linear_unit=True, activation="silu", num_query_groups=2),
+    dict(num_sections=2, rotary_percent=0.5, head_dim=32),
+    dict(num_sections=2, weight_sharing="shared", tie_embeddings=False,
+         output_combination="learned", cross_attention_window=2),
+]
+
+
+def tiny_reference(seed: int, perturb: float = 0.05, **overrides) -> StagFormer:
+    """A reference StagFormer, 2 layers per section, hidden 64, every parameter random."""
+    sections = overrides.get("num_sections", 2)
+    settings = dict(vocab_size=VOCAB, max_sequence_length=MAX_LEN, num_layers=2 * sections,
+                    hidden_size=64, num_attention_heads=4, num_query_groups=4,
+                    ffn_hidden_size=256, head_dim=16)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = StagFormer(ReferenceConfig(**settings))
+    perturb_parameters(model, perturb, seed)
+    return model.eval()
+
+
+def modes_for(variant):
+    return ("sequential", "batched") if variant.get("weight_sharing") == "shared" else (
+        "sequential",)
+
+
+def decode_logits(decoder, tokens, prompt):
+    """Prefill tokens[:, :prompt], then one step per remaining token -> logits [b, n, vocab]
+    for positions prompt-1 .. n-1."""
+    logits = [decoder.prefill(tokens[:, :prompt])]
+    for t in range(prompt, tokens.shape[1]):
+        logits.append(decoder.step(tokens[:, t]))
+    return torch.stack(logits, dim=1)
+
+
+# ---------------------------------------------------------------------------- (a) forward
+
+
+@pytest.mark.parametrize("variant", GRID + EXTRA, ids=variant_id)
+def test_decode_matches_teacher_forced_forward(variant):
+    seed = fresh_seed()
+    model = tiny_reference(seed % 1000, **variant)
+    tokens, _ = random_tokens(2, LENGTH, seed)
+    with torch.no_grad():
+        expected = model(tokens)  # [b, s, vocab]
+    for mode, prompt in itertools.product(modes_for(variant), PROMPTS):
+        decoder = ReferenceDecoder(model, max_batch_size=2, max_sequence_length=16, mode=mode)
+        got = decode_logits(decoder, tokens, prompt)
+        diff = (got - expected[:, prompt - 1:]).abs().max().item()
+        assert diff < 1e-4, f"seed {seed}, mode {mode}, prompt {prompt}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("variant", [dict(num_sections=1), dict(num_sections=2),
+                                     dict(num_sections=3, weight_sharing="shared",
+                                          cross_attention_window=1)], ids=variant_id)
+def test_greedy_tokens_match_teacher_forced_argmax(variant):
+    seed = fresh_seed()
+    model = tiny_reference(seed % 1000, perturb=0.5, **variant)
+    prompt, _ = random_tokens(2, 4, seed)
+    for mode in modes_for(variant):
+        decoder = ReferenceDecoder(model, max_batch_size=2, max_sequence_length=16, mode=mode)
+        new = torch.tensor(decoder.generate(prompt, 8))  # greedy, [b, 8]
+        full = torch.cat([prompt, new], dim=1)
+        with torch.no_grad():
+            argmax = model(full).argmax(dim=-1)[:, 3:-1]
+        assert torch.equal(new, argmax), f"seed {seed}, mode {mode}"
+
+
+def test_recurrent_mode_reads_its_own_outputs():
+    """Recurrent decode against its definition computed with the reference's Stack: the last
+    section over tokens 0..t with memory [null, section p-1's outputs over the prompt, its own
+    outputs at the generated tokens]."""
+    seed = fresh_seed()
+    model = tiny_reference(seed % 1000, num_sections=3, weight_sharing="shared",
+                           cross_attention_window=3, output_combination="learned")
+    tokens, _ = random_tokens(2, 9, seed)
+    prompt = 3
+    got = decode_logits(ReferenceDecoder(model, 2, 16, mode="recurrent"), tokens, prompt)
+    expected = recurrent_by_definition(model, tokens, prompt)
+    assert (got - expected).abs().max().item() < 1e-4, f"seed {seed}"
+
+
+@torch.no_grad()
+def recurrent_by_definition(model, tokens, prompt):
+    cfg, (b, n) = model.cfg, tokens.shape
+    outs = model.section_outputs(tokens[:, :prompt])
+    memory = torch.cat([model.null_memory.expand(b, 1, -1), outs[-2]], dim=1)  # slots 0..P
+    x = model.tok_emb(tokens)
+    logits = [model.head(outs[-1][:, -1])]
+    for t in range(prompt, n):
+        pos = torch.arange(t + 1)
+        causal = pos[None, :] <= pos[:, None]
+        window = causal & (pos[None, :] > pos[:, None] - cfg.cross_attention_window)
+        out = model.stack(cfg.num_sections - 1)(
+            x[:, :t + 1], causal, _angles(cfg, pos), memory[:, :t + 1], window,
+            (_angles(cfg, pos + 1), _angles(cfg, pos)))
+        logits.append(model.head(out[:, -1]))
+        memory = torch.cat([memory, out[:, -1:]], dim=1)  # own output at t -> slot t + 1
+    return torch.stack(logits, dim=1)
+
+
+def _angles(cfg, positions):
+    from stag_plugin.reference import rope_angles
+
+    return rope_angles(cfg, positions)
+
+
+# ---------------------------------------------------------------------------- (b) StagDecoder
+
+
+MEGATRON_CASES = [  # (config overrides, modes)
+    (dict(num_sections=1), ("sequential",)),
+    (dict(num_sections=2, num_query_groups=2, gated_linear_unit=True), ("sequential",)),
+    (dict(num_sections=2, weight_sharing="shared"), ("sequential", "batched", "recurrent")),
+    (dict(num_sections=3, weight_sharing="shared", cross_attention_window=2,
+          output_combination="learned"), ("sequential", "batched", "recurrent")),
+    (dict(num_sections=3, output_combination="learned", position_embedding_type=
+          "learned_absolute", cross_attention_rope=False), ("sequential",)),
+]
+
+
+@pytest.mark.parametrize("overrides, modes", MEGATRON_CASES,
+                         ids=[variant_id(c[0]) for c in MEGATRON_CASES])
+def test_reference_decoder_equals_stag_decoder(overrides, modes):
+    from stag_plugin.inference import StagDecoder
+    from stag_plugin.name_map import megatron_to_reference
+    from stag_testing import build_model, tiny_config
+
+    seed = fresh_seed()
+    megatron = build_model(tiny_config(**overrides), perturb=0.5, seed=seed % 1000)
+    cfg = ReferenceConfig.from_megatron(megatron.config, VOCAB, MAX_LEN)
+    reference = StagFormer(cfg).eval()
+    reference.load_state_dict(megatron_to_reference(megatron.state_dict(), cfg))
+    tokens, _ = random_tokens(2, LENGTH, seed)
+    for mode in modes:
+        ours = ReferenceDecoder(reference, 2, 16, mode=mode)
+        theirs = StagDecoder(megatron, 2, 16, mode=mode)
+        for prompt in PROMPTS:
+            steps = [(ours.prefill(tokens[:, :prompt]), theirs.prefill(tokens[:, :prompt]))]
+            steps += [(ours.step(tokens[:, t]), theirs.step(tokens[:, t]))
+                      for t in range(prompt, LENGTH)]
+            for n, (a, b) in enumerate(steps):
+                diff = (a - b).abs().max().item()
+                assert diff < 1e-4, f"seed {seed}, mode {mode}, prompt {prompt}, step {n}: {diff}"
+        assert ours.generate(tokens[:, :4], 8) == theirs.generate(tokens[:, :4], 8, Sampler()), \
+            f"seed {seed}, mode {mode}"
+
+
+# ---------------------------------------------------------------------------- (c) generate, caches
+
+
+def test_generate_stops_each_sequence_at_its_own_stop_token():
+    seed = fresh_seed()
+    model = tiny_reference(seed % 1000, perturb=0.5, num_sections=2, cross_attention_window=3)
+    prompt, _ = random_tokens(2, 3, seed)
+    decoder = ReferenceDecoder(model, 2, 16)
+    free = decoder.generate(prompt, 10, Sampler(temperature=1.0, seed=seed))
+    assert [len(seq) for seq in free] == [10, 10]
+    first, second = free
+    # seq 0 stops at its first token, seq 1 at the last token that is new in its list
+    stop_at = max(j for j in range(10) if second.index(second[j]) == j)
+    stopped = decoder.generate(prompt, 10, Sampler(temperature=1.0, seed=seed),
+                               [{first[0]}, {second[stop_at]}])
+    assert stopped == [first[:1], second[:stop_at + 1]], f"seed {seed}"
+    # the sequences after a stop are those of a decode without stops (the others went on)
+    assert free == decoder.generate(prompt, 10, Sampler(temperature=1.0, seed=seed))
+
+
+def test_cross_cache_size_is_fixed_by_the_window():
+    def sizes(window, max_len, sections=2):
+        model = tiny_reference(0, num_sections=sections, cross_attention_window=window)
+        return ReferenceDecoder(model, 2, max_len).cache_bytes()
+
+    short, long = sizes(3, 16), sizes(3, 64)
+    assert long["cross"] == short["cross"] > 0
+    assert long["self"] == 4 * short["self"]
+    # 2 layers x (K, V) x (1 section x batch 2) x 4 groups x 3 slots x 16 dims x 4 bytes
+    assert short["cross"] == 2 * 2 * 2 * 4 * 3 * 16 * 4
+    assert sizes(3, 16, sections=3)["cross"] == 2 * short["cross"]
+    assert sizes(None, 64)["cross"] == 4 * sizes(None, 16)["cross"]
+    assert sizes(None, 16, sections=1)["cross"] == 0
+
+
+def test_window_ring_decodes_far_past_its_size():
+    """w = 2 slots over 40 positions: the ring wraps many times, still the forward's logits."""
+    seed = fresh_seed()
+    model = tiny_reference(seed % 1000, num_sections=2, cross_attention_window=2)
+    tokens, _ = random_tokens(1, 40, seed)
+    with torch.no_grad():
+        expected = model(tokens)
+    got = decode_logits(ReferenceDecoder(model, 1, 40), tokens, 3)
+    assert (got - expected[:, 2:]).abs().max().item() < 1e-4, f"seed {seed}"
+
+
+def test_bf16_decode_is_close_to_fp32():
+    seed = fresh_seed()
+    model = tiny_reference(seed % 1000, num_sections=2, weight_sharing="shared",
+                           cross_attention_window=3, output_combination="learned")
+    tokens, _ = random_tokens(2, LENGTH, seed)
+    for mode in ("sequential", "batched", "recurrent"):
+        full = decode_logits(ReferenceDecoder(model, 2, 16, mode=mode), tokens, 4)
+        half_model = tiny_reference(seed % 1000, num_sections=2, weight_sharing="shared",
+                                    cross_attention_window=3, output_combination="learned")
+        half_model.to(torch.bfloat16)
+        decoder = ReferenceDecoder(half_model, 2, 16, mode=mode)
+        half = decode_logits(decoder, tokens, 4)
+        assert half.dtype == torch.bfloat16
+        assert decoder.self_caches[0].k.dtype == torch.bfloat16
+        diff = (half.float() - full).abs().max().item()
+        scale = full.abs().max().item()
+        assert diff < 0.02 * scale, f"seed {seed}, mode {mode}: bf16 vs fp32 {diff} ({scale})"
+
+
+# ---------------------------------------------------------------------------- (d) errors
+
+
+def test_clear_errors():
+    separate = tiny_reference(0, num_sections=2)
+    for mode in ("batched", "recurrent"):
+        with pytest.raises(ValueError, match="weight_sharing='shared'.*Fix: use mode='sequential'"):
+            ReferenceDecoder(separate, 2, 16, mode=mode)
+    with pytest.raises(ValueError, match="not one of.*Fix"):
+        ReferenceDecoder(separate, 2, 16, mode="pipeline")
+    plain = tiny_reference(0, num_sections=1, weight_sharing="shared")
+    with pytest.raises(ValueError, match="num_sections >= 2.*Fix: use mode=.sequential."):
+        ReferenceDecoder(plain, 2, 16, mode="recurrent")
+    learned = tiny_reference(0, position_embedding_type="learned_absolute",
+                             cross_attention_rope=False)
+    with pytest.raises(ValueError, match="64 learned positions. Fix: use at most 64"):
+        ReferenceDecoder(learned, 1, 65)
+    with pytest.raises(TypeError, match="Fix"):
+        ReferenceDecoder(torch.nn.Linear(2, 2), 1, 8)
+    with pytest.raises(ValueError, match="max_batch_size=0.*Fix"):
+        ReferenceDecoder(separate, 0, 8)
+    decoder = ReferenceDecoder(separate, 2, 8)
+    with pytest.raises(ValueError, match="nothing was prefilled. Fix: call prefill"):
+        decoder.step(torch.zeros(2, dtype=torch.long))
+    tokens, _ = random_tokens(3, 9, 0)
+    with pytest.raises(ValueError, match="prompt needs 9 positions.*max_sequence_length=8. Fix"):
+        decoder.prefill(tokens[:2])
+    with pytest.raises(ValueError, match="3 prompts.*max_batch_size=2. Fix"):
+        decoder.prefill(tokens[:, :4])
+    with pytest.raises(ValueError, match="max_new_tokens - 1 needs 9.*Fix"):
+        decoder.generate(tokens[:2, :4], 6)
+    decoder.prefill(tokens[:2, :8])
+    with pytest.raises(ValueError, match="needs 9 positions.*Fix"):
+        decoder.step(tokens[:2, 0])
+    decoder.prefill(tokens[:2, :4])
+    with pytest.raises(ValueError, match="one token per prefilled sequence.*Fix"):
+        decoder.step(tokens[:1, 0])
