@@ -1,13 +1,18 @@
 """`stag generate --load CKPT --prompt TEXT`: stream a continuation of a trained checkpoint.
 
-The model is rebuilt from the flags stored in the checkpoint (single process, TP = PP = 1; the
-distributed checkpoint is resharded on load) and the prompt is tokenized with the tokenizer saved
-next to the weights, so neither the corpus nor the data cache is needed. Decoding uses the
-staggered KV-cache engine (stag_plugin.inference.StagDecoder); text is printed as it is produced
-and a summary line (tokens, prefill time, decode speed, cache sizes) goes to stderr.
+`--load` takes either
+  - a training checkpoint (`stag train --save`): the model is rebuilt from the flags stored in
+    the checkpoint (single process, TP = PP = 1; the distributed checkpoint is resharded on
+    load) and decoded with the Megatron engine (stag_plugin.inference.StagDecoder), or
+  - an inference folder (`stag convert to-inference --out`): loaded into the plain-PyTorch
+    reference model and decoded with stag_plugin.reference_decode.ReferenceDecoder (no Megatron
+    model is built).
+The prompt is tokenized with the tokenizer saved next to the weights, so neither the corpus nor
+the data cache is needed. Text is printed as it is produced and a summary line (tokens, prefill
+time, decode speed, cache sizes) goes to stderr.
 
     stag generate --load runs/tiny --prompt "def fibonacci(n):" --max-new-tokens 64
-    stag generate --load runs/tiny --prompt "import " --temperature 0.8 --top-p 0.9 --seed 1
+    stag generate --load models/tiny --prompt "import " --temperature 0.8 --top-p 0.9 --seed 1
 """
 
 from __future__ import annotations
@@ -34,18 +39,20 @@ class GenerateError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to decode: the bare StagGPTModel, its tokenizer and the run's flags."""
+    """A model ready to decode: a bare StagGPTModel (training checkpoint) or a reference
+    StagFormer (inference folder), its tokenizer, and the decode engine that runs it."""
 
     model: torch.nn.Module
     tokenizer: object
-    args: argparse.Namespace
     root: Path
-    iteration: int
+    max_length: int  # most positions the model was trained for (prompt + tokens fed back)
+    decoder_class: type  # StagDecoder or ReferenceDecoder: (model, batch, length, mode)
+    args: Optional[argparse.Namespace] = None  # the training run's flags (checkpoints only)
+    iteration: Optional[int] = None
 
     @property
-    def max_length(self) -> int:
-        """Most positions the model was trained for (prompt + tokens fed back)."""
-        return int(self.args.max_position_embeddings or self.args.seq_length)
+    def modes(self) -> tuple:
+        return self.decoder_class.MODES
 
 
 @dataclass
@@ -87,11 +94,36 @@ def run_args(root: Path, run: dict) -> argparse.Namespace:
 
 
 def load_model(root: Union[str, Path]) -> LoadedModel:
+    """An inference folder, or the latest checkpoint under `root` (weights only), with its
+    saved tokenizer."""
+    from stag_plugin.inference_folder import CONFIG_FILE
+
+    root = Path(root)
+    if (root / CONFIG_FILE).is_file():
+        return load_inference_folder(root)
+    return load_checkpoint(root)
+
+
+def load_inference_folder(root: Path) -> LoadedModel:
+    """A `stag convert to-inference` folder in the reference model, with its tokenizer."""
+    from stag_plugin import inference_folder
+    from stag_plugin.data import StagTokenizer
+    from stag_plugin.reference_decode import ReferenceDecoder
+
+    loaded = inference_folder.load_inference_folder(root)
+    if loaded.tokenizer_path is None:
+        raise GenerateError(f"{root} has no {inference_folder.TOKENIZER_FILE}, so the prompt "
+                            "cannot be tokenized. Fix: convert the checkpoint again with "
+                            "`stag convert to-inference` (it copies the tokenizer)")
+    return LoadedModel(loaded.model, StagTokenizer.load(loaded.tokenizer_path), root,
+                       loaded.config.max_sequence_length, ReferenceDecoder)
+
+
+def load_checkpoint(root: Path) -> LoadedModel:
     """Rebuild the latest checkpoint under `root` (weights only) with its saved tokenizer."""
     from stag_plugin import arguments, train
     from stag_plugin.data import StagTokenizer
 
-    root = Path(root)
     iteration, run = checkpointing.read_run(root)  # CheckpointError (a ValueError) names a fix
     tokenizer_file = checkpointing.iteration_dir(root, iteration) / checkpointing.TOKENIZER_FILE
     if not tokenizer_file.is_file():
@@ -107,7 +139,9 @@ def load_model(root: Union[str, Path]) -> LoadedModel:
     model = train.build_model(args, config, vocab)
     train.load_weights(model, root)
     inner = train.unwrap(model[0]).eval()
-    return LoadedModel(inner, tokenizer, args, root, iteration)
+    return LoadedModel(inner, tokenizer, root,
+                       int(args.max_position_embeddings or args.seq_length), StagDecoder,
+                       args=args, iteration=iteration)
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -146,8 +180,9 @@ def generate_text(load: Union[LoadedModel, str, Path], prompt: str, mode: str = 
     whose message names a fix) for bad input."""
     loaded = load if isinstance(load, LoadedModel) else load_model(load)
     tokenizer = loaded.tokenizer
-    if mode not in MODES:
-        raise GenerateError(f"--mode {mode!r} is not one of {', '.join(MODES)}. Fix: pick one")
+    if mode not in loaded.modes:
+        raise GenerateError(f"--mode {mode!r} is not one of {', '.join(loaded.modes)} for "
+                            f"{loaded.root}. Fix: pick one of those")
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens {max_new_tokens} must be >= 1. Fix: raise it")
     try:
@@ -166,7 +201,7 @@ def generate_text(load: Union[LoadedModel, str, Path], prompt: str, mode: str = 
     # n new tokens feed n - 1 of them back: prompt + n - 1 positions
     new_tokens = min(max_new_tokens, limit - len(prompt_ids) + 1)
     try:
-        decoder = StagDecoder(loaded.model, max_batch_size=1,
+        decoder = loaded.decoder_class(loaded.model, max_batch_size=1,
                               max_sequence_length=len(prompt_ids) + new_tokens - 1 or 1,
                               mode=mode)
     except ValueError as err:
@@ -240,10 +275,14 @@ class _Streamer:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stag generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--load", type=Path, required=True, help="checkpoint folder (--save)")
+    parser.add_argument("--load", type=Path, required=True,
+                        help="training checkpoint folder (stag train --save) or inference "
+                             "folder (stag convert to-inference --out)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--mode", default="sequential", choices=MODES,
-                        help="decode engine mode; batched / recurrent need shared weights")
+                        help="decode engine mode; batched / recurrent need shared weights; "
+                             "pipeline needs torchrun (not this command); inference folders "
+                             "decode sequential / batched / recurrent")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)

@@ -138,6 +138,8 @@ class StagDecoder:
             layer of extra memory on every stage but the last).
     """
 
+    MODES = MODES
+
     def __init__(self, model, max_batch_size: int, max_sequence_length: int,
                  mode: str = "sequential"):
         config = model.config

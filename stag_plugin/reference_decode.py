@@ -135,6 +135,8 @@ class ReferenceDecoder:
         mode: "sequential", "batched" (shared weights) or "recurrent" (shared weights, p >= 2).
     """
 
+    MODES = MODES
+
     def __init__(self, model: StagFormer, max_batch_size: int, max_sequence_length: int,
                  mode: str = "sequential"):
         _check_arguments(model, max_batch_size, max_sequence_length, mode)

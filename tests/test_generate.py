@@ -190,3 +190,46 @@ def test_batched_mode_needs_shared_weights(checkpoint, capsys):
 def test_prompt_longer_than_the_model(checkpoint, capsys):
     assert_usage_error(capsys, ["--load", checkpoint, "--prompt", "x = 1\n" * 200],
                        "positions", "shorten --prompt")
+
+
+# ------------------------------------------------------------------ inference folders
+
+
+def _to_inference(checkpoint: Path, out: Path, dtype: str = "fp32") -> Path:
+    assert cli.main(["convert", "to-inference", "--load", str(checkpoint), "--out", str(out),
+                     "--dtype", dtype, "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("sharing", ["separate", "shared"])
+def test_inference_folder_generates_what_the_checkpoint_generates(
+        sharing, checkpoint, shared_checkpoint, tmp_path):
+    """`stag generate` on a converted folder (reference model + ReferenceDecoder, no Megatron
+    model) gives the tokens the training checkpoint gives (StagDecoder), greedy and sampled."""
+    source = checkpoint if sharing == "separate" else shared_checkpoint
+    from_checkpoint = generate.load_model(source)
+    from_folder = generate.load_model(_to_inference(source, tmp_path / "folder"))
+    assert type(from_folder.model).__name__ == "StagFormer"  # the reference model
+    modes = ["sequential"] + (["batched", "recurrent"] if sharing == "shared" else [])
+    for mode in modes:
+        for options in (dict(), dict(temperature=1.0, seed=3)):
+            want = generate.generate_text(from_checkpoint, PROMPT, mode=mode,
+                                          max_new_tokens=10, **options)
+            got = generate.generate_text(from_folder, PROMPT, mode=mode, max_new_tokens=10,
+                                         **options)
+            assert got.token_ids == want.token_ids, (mode, options)
+            assert got.text == want.text and got.cache_bytes == want.cache_bytes
+
+
+def test_cli_generate_from_an_inference_folder(checkpoint, tmp_path, capsys):
+    folder = _to_inference(checkpoint, tmp_path / "folder", dtype="bf16")
+    capsys.readouterr()
+    code = cli.main(["generate", "--load", str(folder), "--prompt", PROMPT,
+                     "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert re.search(r"\d+ tokens \| prefill [\d.]+ ms", captured.err), captured.err
+    assert_usage_error(capsys, ["--load", folder, "--prompt", PROMPT, "--mode", "pipeline"],
+                       "not one of sequential, batched, recurrent")
+    (folder / "tokenizer.model").unlink()
+    assert_usage_error(capsys, ["--load", folder, "--prompt", PROMPT], "tokenizer.model")
