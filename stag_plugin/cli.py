@@ -15,22 +15,29 @@ COMMANDS = {
 }
 
 
-def usage() -> str:
-    lines = ["usage: stag <command> [flags]   (stag <command> --help for its flags)", ""]
-    lines += [f"  {name:<9} {help}" for name, (_, help) in COMMANDS.items()]
+def usage(prog: str, table: dict) -> str:
+    width = max(map(len, table)) + 2
+    lines = [f"usage: {prog} <command> [flags]   ({prog} <command> --help for its flags)", ""]
+    lines += [f"  {name:<{width}} {help}" for name, (_, help) in table.items()]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def dispatch(prog: str, table: dict, argv) -> int:
+    """Run `<prog> <command> [flags]`: the `main(flags)` of the module `table[command]` names
+    (table: command -> (module, one-line help))."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        print(usage(prog, table))
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"stag: unknown command {command!r}\n{usage()}", file=sys.stderr)
+    if command not in table:
+        print(f"{prog}: error: unknown command {command!r}\n{usage(prog, table)}",
+              file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[command][0]).main(rest)
+    return importlib.import_module(table[command][0]).main(rest)
+
+
+def main(argv=None) -> int:
+    return dispatch("stag", COMMANDS, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -62,3 +62,12 @@ def parameter_count(module: torch.nn.Module) -> int:
 def variant_id(variant: dict) -> str:
     """Readable pytest id for a dict of config overrides."""
     return "-".join(f"{k}={val}" for k, val in variant.items())
+
+
+def decode_logits(decoder, tokens, prompt):
+    """Prefill tokens[:, :prompt], then one step per remaining token -> logits [b, n, vocab]
+    for positions prompt-1 .. n-1 (any decoder with prefill / step)."""
+    logits = [decoder.prefill(tokens[:, :prompt])]
+    for t in range(prompt, tokens.shape[1]):
+        logits.append(decoder.step(tokens[:, t]))
+    return torch.stack(logits, dim=1)

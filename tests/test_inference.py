@@ -11,7 +11,8 @@ import torch
 
 from stag_plugin.attention import cross_attention_mask
 from stag_plugin.inference import Sampler, StagDecoder
-from stag_testing import build_model, fresh_seed, random_tokens, tiny_config, variant_id
+from stag_testing import (build_model, decode_logits, fresh_seed, random_tokens, tiny_config,
+                          variant_id)
 
 LENGTH = 12  # tokens per test sequence
 PROMPTS = (1, 5)  # a single token, and longer than every window tested
@@ -36,15 +37,6 @@ EXTRA = [
 def modes_for(variant):
     return ("sequential", "batched") if variant.get("weight_sharing") == "shared" else (
         "sequential",)
-
-
-def decode_logits(decoder, tokens, prompt):
-    """Prefill tokens[:, :prompt], then step through the rest -> logits [b, n, vocab] for
-    positions prompt-1 .. n-1."""
-    logits = [decoder.prefill(tokens[:, :prompt])]
-    for t in range(prompt, tokens.shape[1]):
-        logits.append(decoder.step(tokens[:, t]))
-    return torch.stack(logits, dim=1)
 
 
 @pytest.mark.parametrize("variant", GRID + EXTRA, ids=variant_id)

@@ -17,7 +17,8 @@ import torch
 from stag_plugin.reference import ReferenceConfig, StagFormer
 from stag_plugin.reference_decode import ReferenceDecoder
 from stag_plugin.sampling import Sampler
-from stag_testing import fresh_seed, perturb_parameters, random_tokens, variant_id
+from stag_testing import (decode_logits, fresh_seed, perturb_parameters, random_tokens,
+                          variant_id)
 
 VOCAB, MAX_LEN = 96, 64
 LENGTH = 12  # tokens per test sequence
@@ -58,15 +59,6 @@ def tiny_reference(seed: int, perturb: float = 0.05, **overrides) -> StagFormer:
 def modes_for(variant):
     return ("sequential", "batched") if variant.get("weight_sharing") == "shared" else (
         "sequential",)
-
-
-def decode_logits(decoder, tokens, prompt):
-    """Prefill tokens[:, :prompt], then one step per remaining token -> logits [b, n, vocab]
-    for positions prompt-1 .. n-1."""
-    logits = [decoder.prefill(tokens[:, :prompt])]
-    for t in range(prompt, tokens.shape[1]):
-        logits.append(decoder.step(tokens[:, t]))
-    return torch.stack(logits, dim=1)
 
 
 # ---------------------------------------------------------------------------- (a) forward

@@ -15,7 +15,6 @@ as `stag convert: error: <problem>. Fix: <fix>` with exit code 2.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 SUBCOMMANDS = {
@@ -28,26 +27,13 @@ SUBCOMMANDS = {
 }
 
 
-def usage() -> str:
-    lines = ["usage: stag convert <command> [flags]   (stag convert <command> --help)", ""]
-    lines += [f"  {name:<13} {help}" for name, (_, help) in SUBCOMMANDS.items()]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
+    from stag_plugin.cli import dispatch
     from stag_plugin.cpu_compat import quiet_known_warnings
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in SUBCOMMANDS:
-        print(f"stag convert: error: unknown command {command!r}\n{usage()}", file=sys.stderr)
-        return 2
     quiet_known_warnings()
     try:
-        return importlib.import_module(SUBCOMMANDS[command][0]).main(rest)
+        return dispatch("stag convert", SUBCOMMANDS, sys.argv[1:] if argv is None else list(argv))
     except ValueError as err:  # ConvertError and the checkpoint / config errors: all name a fix
         print(f"stag convert: error: {err}", file=sys.stderr)
         return 2
