@@ -131,7 +131,8 @@ def megatron_lm_args(config, tie: bool, **overrides) -> argparse.Namespace:
         add_bias_linear=config.add_bias_linear, add_qkv_bias=False,
         untie_embeddings_and_output_weights=not tie, padded_vocab_size=VOCAB,
         make_vocab_size_divisible_by=128, tensor_model_parallel_size=1,
-        hidden_dropout=0.0, attention_dropout=0.0, bf16=False, fp16=False)
+        hidden_dropout=0.0, attention_dropout=0.0, bf16=False, fp16=False,
+        params_dtype=torch.float32)
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -141,6 +142,9 @@ def save_megatron_lm(gpt, root: Path, iteration: int, args: argparse.Namespace) 
     common.pt with the args) and the tracker file."""
     from megatron.core import dist_checkpointing
 
+    from stag_plugin.cpu_compat import apply_cpu_compat
+
+    apply_cpu_compat()  # Megatron's saver calls torch.cuda without a GPU otherwise
     folder = Path(root) / f"iter_{iteration:07d}"
     folder.mkdir(parents=True)
     state = {"model": gpt.sharded_state_dict(), "args": args, "iteration": iteration,

@@ -256,6 +256,24 @@ def test_megatron_lm_source_errors(capsys, tmp_path, flags, megatron_source):
                          "add_qkv_bias=True", out=out)
 
 
+def test_megatron_lm_args_with_other_python_objects(capsys, tmp_path, flags, megatron_source,
+                                                    batch):
+    """A common.pt whose args hold a type the weights-only loader refuses: a clear error, and
+    with --trust-checkpoint-code the conversion works (full unpickling, as Megatron-LM does)."""
+    import datetime
+
+    config = tiny_config(num_sections=1, num_layers=MEGATRON_LAYERS, hidden_size=32)
+    load = save_megatron_lm(megatron_source["gpt"], tmp_path / "paths", 1,
+                            megatron_lm_args(config, tie=False,
+                                             timeout=datetime.timedelta(minutes=5)))
+    out = tmp_path / "out"
+    argv = ["from-gpt", "--load", load, "--out", out, "--recipe", "duplicate",
+            "--stag-num-sections", 2, "--tokenizer-model", tokenizer_of(flags)]
+    assert_convert_error(capsys, argv, "datetime.timedelta", "--trust-checkpoint-code", out=out)
+    convert_ok(*argv, "--trust-checkpoint-code")
+    assert torch.equal(logits_of(out, batch), megatron_source["logits"])
+
+
 def test_existing_output_and_interruption(capsys, monkeypatch, tmp_path, stag_source):
     out = tmp_path / "out"
     out.mkdir()

@@ -44,6 +44,9 @@ def build_parser(prog: str = "stag convert from-gpt") -> argparse.ArgumentParser
     parser.add_argument("--recipe", choices=recipes.RECIPES, required=True)
     parser.add_argument("--tokenizer-model", type=Path, default=None,
                         help="SentencePiece model (Megatron-LM sources only)")
+    parser.add_argument("--trust-checkpoint-code", action="store_true",
+                        help="Megatron-LM sources: unpickle common.pt fully (it may hold "
+                             "arbitrary Python objects); only for checkpoints you trust")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true")
     arguments.add_stag_args(parser)
@@ -61,7 +64,8 @@ def run(options: argparse.Namespace) -> Path:
         raise ConvertError("--stag-num-sections is required", "pass the number of sections p")
     ckpt = source.locate(options.load)
     check_out(options.out, options.overwrite, ckpt.sources())
-    gpt = gpt_source.read_gpt(ckpt, options.tokenizer_model, progress=not options.no_progress)
+    gpt = gpt_source.read_gpt(ckpt, options.tokenizer_model, progress=not options.no_progress,
+                              trust_code=options.trust_checkpoint_code)
     layers = recipes.check_recipe(options.recipe, gpt.num_layers, options.stag_num_sections,
                                   options.stag_weight_sharing)
     args = target_args(gpt, options, layers)

@@ -89,14 +89,14 @@ class GPTSource:
 
 
 def read_gpt(ckpt: source.Checkpoint, tokenizer_model: Optional[Path],
-             progress: bool = True) -> GPTSource:
+             progress: bool = True, trust_code: bool = False) -> GPTSource:
     """The GPT in `ckpt`, of either kind, checked (keys, shapes, dtypes) and read whole."""
     if (ckpt.folder / checkpointing.RUN_FILE).is_file():
         if tokenizer_model is not None:
             raise ConvertError(f"--tokenizer-model is for Megatron-LM sources; {ckpt.folder} "
                                "carries its own tokenizer.model", "drop --tokenizer-model")
         return read_stag_gpt(ckpt, progress)
-    return read_megatron_lm_gpt(ckpt, tokenizer_model, progress)
+    return read_megatron_lm_gpt(ckpt, tokenizer_model, progress, trust_code)
 
 
 # ---------------------------------------------------------------------------- stag train p = 1
@@ -125,11 +125,11 @@ def read_stag_gpt(ckpt: source.Checkpoint, progress: bool) -> GPTSource:
 
 
 def read_megatron_lm_gpt(ckpt: source.Checkpoint, tokenizer_model: Optional[Path],
-                         progress: bool) -> GPTSource:
+                         progress: bool, trust_code: bool = False) -> GPTSource:
     from stag_plugin import name_map
     from stag_plugin.convert import to_inference
 
-    margs = source.read_common(ckpt.folder).get("args")
+    margs = source.read_common(ckpt.folder, trusted=trust_code).get("args")
     if margs is None:
         raise ConvertError(f"{ckpt.folder} has neither a stag_run.json nor Megatron-LM's args "
                            "(common.pt 'args'), so the model's configuration is unknown",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -233,15 +234,28 @@ def _corrupted(path: Path, err: Exception) -> ConvertError:
 # ---------------------------------------------------------------------------- common state
 
 
-def read_common(folder: Path) -> dict:
+def read_common(folder: Path, trusted: bool = False) -> dict:
     """common.pt (the non-tensor entries: Megatron-LM stores its args there), unpickled with
-    torch's weights-only loader plus the types Megatron-LM puts in it."""
+    torch's weights-only loader plus the types Megatron-LM puts in it; `trusted`: full
+    unpickling (arbitrary Python objects, as Megatron-LM itself loads it)."""
     path = folder / COMMON_FILE
     if not path.is_file():
         raise ConvertError(f"{path} is missing", "pass a complete distributed checkpoint")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            common = torch.load(path, map_location="cpu", weights_only=True)
+        if trusted:
+            common = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_safe_globals()):
+                common = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise _corrupted(path, err) from err
+        raise ConvertError(
+            f"{path} holds a Python object of type {found.group(1)}, which the safe "
+            "(weights-only) loader does not accept",
+            "if you trust this checkpoint, rerun with --trust-checkpoint-code (full unpickling, "
+            "as Megatron-LM loads it)") from err
     except Exception as err:
         raise _corrupted(path, err) from err
     if not isinstance(common, dict):
@@ -250,14 +264,22 @@ def read_common(folder: Path) -> dict:
 
 
 def _safe_globals() -> list:
-    """argparse.Namespace and the Megatron enums that Megatron-LM's args may hold."""
+    """argparse.Namespace and the Megatron types that Megatron-LM's args may hold (Megatron's
+    own list, `megatron.core.safe_globals`, where the installed version has one)."""
+    from megatron.core import enums as core_enums
     from megatron.core.transformer import enums
 
     found = [argparse.Namespace]
-    for name in ("AttnBackend", "AttnMaskType", "ModelType", "LayerType"):
-        if hasattr(enums, name):
-            found.append(getattr(enums, name))
-    return found
+    for module in (enums, core_enums):
+        for name in ("AttnBackend", "AttnMaskType", "ModelType", "LayerType", "Fp8Recipe",
+                     "Fp4Recipe"):
+            if hasattr(module, name):
+                found.append(getattr(module, name))
+    try:
+        from megatron.core.safe_globals import SAFE_GLOBALS
+    except ImportError:  # older megatron-core
+        SAFE_GLOBALS = []
+    return found + list(SAFE_GLOBALS)
 
 
 # ---------------------------------------------------------------------------- verification
