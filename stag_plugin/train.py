@@ -149,6 +149,10 @@ def setup_distributed(tensor_parallel: int, pipeline_parallel: int = 1,
         torch.distributed.init_process_group(backend=backend,
                                              timeout=timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size()) == (
+                tensor_parallel, pipeline_parallel):
+            return  # reuse: rebuilding creates new process groups, whose threads never end
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,

@@ -1,7 +1,8 @@
 """StagDecoder under tensor parallelism: two real gloo processes (tests/distributed.py) decode
 the TP = 2 shards of a one-process model's weights. Every rank's logits (gathered to the full
-vocabulary) equal one-process decoding of the same weights (fp32, max abs diff < 1e-4) at the
-prefill and every step; greedy generation gives the same tokens; a random choice (each rank's
+vocabulary) equal one-process decoding of the same weights at the prefill and every step (fp32;
+max abs diff below 2e-5 of the largest logit: TP changes the order of the fp32 sums, and the
+weights are perturbed strongly, so logits reach ~20); greedy generation gives the same tokens; a random choice (each rank's
 global RNG seeded differently) is the same on both ranks because it is made on the first rank
 and broadcast."""
 
@@ -74,6 +75,7 @@ def test_tp2_decode_matches_one_process(tmp_path):
             got, msg = results[j], f"seed {seed}, {name}, mode {mode}, rank {rank}"
             assert got["heads"] == groups // TP, msg  # each rank caches its own groups
             diff = (got["logits"] - logits).abs().max().item()
-            assert diff < 1e-4, f"{msg}: max abs diff {diff}"
+            scale = max(1.0, logits.abs().max().item())
+            assert diff < 2e-5 * scale, f"{msg}: max abs diff {diff}, largest logit {scale}"
             assert got["greedy"] == greedy, msg
         assert ranks[0][j]["sampled"] == ranks[1][j]["sampled"], f"seed {seed}, {name}, {mode}"
