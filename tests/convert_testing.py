@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import pickle
-import shutil
-import sysconfig
 from pathlib import Path
 
 import torch
 
 from stag_plugin import convert
 from stag_plugin.convert.common import partial_path
+from stag_testing import small_corpus
 
 VOCAB = 512  # SentencePiece pieces; a multiple of 128, so Megatron's padding keeps it
 SEQ = 32
@@ -23,14 +22,7 @@ def prepare_flags(tmp_path_factory) -> list:
     """`stag train` flags of a tiny model on 40 standard-library files (data prepared once)."""
     from stag_plugin.data import prepare_data
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if 4_000 < p.stat().st_size < 20_000)[:40]
-    # A fixed folder name: document ids (hence the split) include it, and a numbered
-    # mktemp("corpus") would also shift the numbers other test modules get.
-    corpus = tmp_path_factory.mktemp("convert") / "corpus"
-    corpus.mkdir()
-    for path in files:
-        shutil.copyfile(path, corpus / path.name)
+    corpus = small_corpus(tmp_path_factory, "convert")
     cache = tmp_path_factory.mktemp("convert-data")
     prepare_data([str(corpus)], cache, vocab_size=VOCAB, valid_fraction=0.2, test_fraction=0.2,
                  progress=False)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import shutil
+import sysconfig
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +74,18 @@ def decode_logits(decoder, tokens, prompt):
     for t in range(prompt, tokens.shape[1]):
         logits.append(decoder.step(tokens[:, t]))
     return torch.stack(logits, dim=1)
+
+
+def small_corpus(tmp_path_factory, purpose: str) -> Path:
+    """40 top-level standard-library modules of 4-20 kB, copied into `<tmp>/<purpose>N/corpus`.
+
+    The folder is always named "corpus": document ids (hence the train/valid/test split) include
+    the folder name, so a numbered name would make the split depend on test order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if 4_000 < p.stat().st_size < 20_000)[:40]
+    assert len(files) == 40
+    root = tmp_path_factory.mktemp(purpose) / "corpus"
+    root.mkdir()
+    for path in files:
+        shutil.copyfile(path, root / path.name)
+    return root

@@ -5,8 +5,6 @@ re-run on the growing sequence, taking argmax(model(tokens)[:, -1]) each time.
 """
 
 import re
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 from stag_plugin import cli, generate, train
 from stag_plugin.data import prepare_data
 from stag_plugin.inference import Sampler
+from stag_testing import small_corpus
 
 VOCAB = 512
 PROMPT = "def main(args):\n    "
@@ -24,12 +23,7 @@ ITERS = 4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if 4_000 < p.stat().st_size < 20_000)[:40]
-    root = tmp_path_factory.mktemp("corpus")
-    for path in files:
-        shutil.copyfile(path, root / path.name)
-    return root
+    return small_corpus(tmp_path_factory, "generate")
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,9 @@ within a bounded time, and the previous checkpoint still loads.
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from stag_plugin.data import prepare_data
 from stag_plugin.megatron_compat import free_port
 
 from distributed import run_command
+from stag_testing import small_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "layout_worker.py"
@@ -58,11 +57,7 @@ def _load_worker():
 @pytest.fixture(scope="module")
 def flags(tmp_path_factory) -> list:
     """Tiny 2 x 2-layer model on 40 standard-library files (vocabulary 512)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if 4_000 < p.stat().st_size < 20_000)[:40]
-    corpus = tmp_path_factory.mktemp("corpus")
-    for path in files:
-        shutil.copyfile(path, corpus / path.name)
+    corpus = small_corpus(tmp_path_factory, "parallel")
     cache = tmp_path_factory.mktemp("data")
     prepare_data([str(corpus)], cache, vocab_size=VOCAB, valid_fraction=0.2, test_fraction=0.2,
                  progress=False)

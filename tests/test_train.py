@@ -15,9 +15,7 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from stag_plugin.data import prepare_data
 from stag_plugin.megatron_compat import free_port
 
 from distributed import run_command
+from stag_testing import small_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # a multiple of 128: Megatron's padding leaves it unchanged
@@ -44,13 +43,7 @@ EVAL_ITERS = 2
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """40 top-level standard-library modules of 4-20 kB, copied into a user data folder."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if 4_000 < p.stat().st_size < 20_000)[:40]
-    assert len(files) == 40
-    root = tmp_path_factory.mktemp("corpus")
-    for path in files:
-        shutil.copyfile(path, root / path.name)
-    return root
+    return small_corpus(tmp_path_factory, "train")
 
 
 @pytest.fixture(scope="module")
