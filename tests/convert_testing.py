@@ -4,7 +4,6 @@ checkpoint surgery (a damaged index, a truncated file) and a Megatron-LM GPT che
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -57,19 +56,6 @@ def assert_convert_error(capsys, argv, *words, out: Path = None) -> str:
         assert not partial_path(out).exists()
         assert not out.exists()
     return lines[0]
-
-
-def snapshot(folder: Path) -> dict:
-    """relative path -> (size, mtime_ns, sha256) or 'dir', for everything below `folder`."""
-    out = {}
-    for path in sorted(Path(folder).rglob("*")):
-        key = path.relative_to(folder).as_posix()
-        if path.is_dir():
-            out[key] = "dir"
-        else:
-            stat, digest = path.stat(), hashlib.sha256(path.read_bytes()).hexdigest()
-            out[key] = (stat.st_size, stat.st_mtime_ns, digest)
-    return out
 
 
 def iteration_folder(root: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
 import sysconfig
@@ -89,3 +90,22 @@ def small_corpus(tmp_path_factory, purpose: str) -> Path:
     for path in files:
         shutil.copyfile(path, root / path.name)
     return root
+
+
+def modes_for(variant: dict) -> tuple:
+    """Decode modes a variant supports on one device (batched needs shared weights)."""
+    return ("sequential", "batched") if variant.get("weight_sharing") == "shared" else (
+        "sequential",)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every entry below `folder`: relative path -> (size, mtime_ns, sha256) or 'dir'."""
+    out = {}
+    for path in sorted(Path(folder).rglob("*")):
+        key = path.relative_to(folder).as_posix()
+        if path.is_dir():
+            out[key] = "dir"
+        else:
+            stat, digest = path.stat(), hashlib.sha256(path.read_bytes()).hexdigest()
+            out[key] = (stat.st_size, stat.st_mtime_ns, digest)
+    return out

@@ -26,9 +26,9 @@ from stag_plugin.megatron_compat import free_port
 
 from convert_testing import (VOCAB, assert_convert_error, convert_ok, edit_index,
                              iteration_folder, plain_tensors, prepare_flags, random_batch,
-                             snapshot, truncate_largest_file)
+                             truncate_largest_file)
 from distributed import run_command
-from stag_testing import fresh_seed
+from stag_testing import fresh_seed, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 900  # seconds per launch; a quiet host needs 15-40

@@ -20,8 +20,8 @@ from stag_plugin.megatron_compat import initialize_single_process
 
 from convert_testing import (VOCAB, SEQ, assert_convert_error, convert_ok, megatron_lm_args,
                              plain_tensors, prepare_flags, random_batch, save_megatron_lm,
-                             snapshot, tokenizer_of)
-from stag_testing import fresh_seed, perturb_parameters, tiny_config
+                             tokenizer_of)
+from stag_testing import fresh_seed, perturb_parameters, snapshot, tiny_config
 from test_gpt_parity import megatron_gpt
 
 STAG_LAYERS, MEGATRON_LAYERS = 2, 4

@@ -31,6 +31,7 @@ from stag_plugin.data import (
     split_documents,
     train_tokenizer,
 )
+from stag_testing import snapshot
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 EXCLUDED = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
@@ -123,19 +124,6 @@ def _expected_stdlib_ids() -> set:
 def _hash_split(doc_id: str, valid: float = 0.05, test: float = 0.05) -> str:
     u = int(hashlib.sha256(doc_id.encode()).hexdigest()[:16], 16) / 2**64
     return "valid" if u < valid else "test" if u < valid + test else "train"
-
-
-def _snapshot(folder: Path) -> dict:
-    """Every file below `folder`: relative path -> (size, mtime_ns, sha256)."""
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            stat = path.stat()
-            out[path.relative_to(folder).as_posix()] = (
-                stat.st_size, stat.st_mtime_ns, hashlib.sha256(data).hexdigest()
-            )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +284,7 @@ def test_indexed_datasets_hold_each_document_then_eod(prepared, tokenizer, stdli
 
 
 def test_prepare_data_reuses_an_up_to_date_folder(prepared, monkeypatch):
-    before = _snapshot(prepared.output_dir)
+    before = snapshot(prepared.output_dir)
 
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt")
@@ -305,7 +293,7 @@ def test_prepare_data_reuses_an_up_to_date_folder(prepared, monkeypatch):
     monkeypatch.setattr(indexed_mod, "write_indexed_dataset", fail)
     again = prepare_data(None, prepared.output_dir, progress=False)
     assert again == prepared
-    assert _snapshot(prepared.output_dir) == before
+    assert snapshot(prepared.output_dir) == before
 
 
 def _document_tokens(prefix: str) -> list:
@@ -470,10 +458,10 @@ def test_bad_inputs_raise_and_leave_the_folder_untouched(case, tmp_path, mini_di
     make_paths, options, message = BAD_INPUTS[case]
     paths = make_paths(tmp_path) if make_paths else [str(mini_dir)]
     kwargs = {"vocab_size": 400, "valid_fraction": 0.3, "test_fraction": 0.2, **options}
-    before = _snapshot(mini_prepared.output_dir)
+    before = snapshot(mini_prepared.output_dir)
     with pytest.raises(DataError, match=message):
         prepare_data(paths, mini_prepared.output_dir, progress=False, **kwargs)
-    assert _snapshot(mini_prepared.output_dir) == before
+    assert snapshot(mini_prepared.output_dir) == before
     assert isinstance(DataError("x"), ValueError)
 
 

@@ -11,8 +11,8 @@ import torch
 
 from stag_plugin.attention import cross_attention_mask
 from stag_plugin.inference import Sampler, StagDecoder
-from stag_testing import (build_model, decode_logits, fresh_seed, random_tokens, tiny_config,
-                          variant_id)
+from stag_testing import (build_model, decode_logits, fresh_seed, modes_for, random_tokens,
+                          tiny_config, variant_id)
 
 LENGTH = 12  # tokens per test sequence
 PROMPTS = (1, 5)  # a single token, and longer than every window tested
@@ -32,11 +32,6 @@ EXTRA = [
     dict(num_sections=2, rotary_percent=0.5, kv_channels=32),
     dict(num_sections=2, qk_layernorm=True, weight_sharing="shared"),
 ]
-
-
-def modes_for(variant):
-    return ("sequential", "batched") if variant.get("weight_sharing") == "shared" else (
-        "sequential",)
 
 
 @pytest.mark.parametrize("variant", GRID + EXTRA, ids=variant_id)

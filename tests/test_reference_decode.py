@@ -17,8 +17,8 @@ import torch
 from stag_plugin.reference import ReferenceConfig, StagFormer
 from stag_plugin.reference_decode import ReferenceDecoder
 from stag_plugin.sampling import Sampler
-from stag_testing import (decode_logits, fresh_seed, perturb_parameters, random_tokens,
-                          variant_id)
+from stag_testing import (decode_logits, fresh_seed, modes_for, perturb_parameters,
+                          random_tokens, variant_id)
 
 VOCAB, MAX_LEN = 96, 64
 LENGTH = 12  # tokens per test sequence
@@ -54,11 +54,6 @@ def tiny_reference(seed: int, perturb: float = 0.05, **overrides) -> StagFormer:
     model = StagFormer(ReferenceConfig(**settings))
     perturb_parameters(model, perturb, seed)
     return model.eval()
-
-
-def modes_for(variant):
-    return ("sequential", "batched") if variant.get("weight_sharing") == "shared" else (
-        "sequential",)
 
 
 # ---------------------------------------------------------------------------- (a) forward

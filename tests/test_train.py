@@ -11,7 +11,6 @@ Every run shares one prepared data folder (a 40-file slice of the standard libra
 512) and a 4-layer, hidden-32 model, so the whole file takes about a minute on 2 cores.
 """
 
-import hashlib
 import json
 import math
 import re
@@ -28,7 +27,7 @@ from stag_plugin.data import prepare_data
 from stag_plugin.megatron_compat import free_port
 
 from distributed import run_command
-from stag_testing import small_corpus
+from stag_testing import small_corpus, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # a multiple of 128: Megatron's padding leaves it unchanged
@@ -96,19 +95,6 @@ def training_steps(folder: Path) -> dict:
 def validations(folder: Path) -> list:
     """(iteration, loss) of every validation record, in order."""
     return [(r["iteration"], r["loss"]) for r in records(folder) if r.get("split") == "valid"]
-
-
-def snapshot(folder: Path) -> dict:
-    """Every entry below `folder`: relative path -> (size, mtime_ns, sha256) or 'dir'."""
-    out = {}
-    for path in sorted(Path(folder).rglob("*")):
-        key = path.relative_to(folder).as_posix()
-        if path.is_dir():
-            out[key] = "dir"
-        else:
-            stat, digest = path.stat(), hashlib.sha256(path.read_bytes()).hexdigest()
-            out[key] = (stat.st_size, stat.st_mtime_ns, digest)
-    return out
 
 
 def eval_loss(capsys, *argv) -> float:
