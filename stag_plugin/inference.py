@@ -605,14 +605,7 @@ def _check_model(model, config, max_sequence_length: int, mode: str) -> None:
             f"parallel_size={config.pipeline_model_parallel_size}. Fix: use mode='pipeline' "
             f"(pipeline size = num_sections), or load the checkpoint into a model built with "
             "pipeline_model_parallel_size=1 (distributed checkpoints reshard on load)")
-    shared = config.weight_sharing == "shared"
-    if mode in ("batched", "recurrent") and not shared:
-        raise ValueError(f"mode={mode!r} needs shared section weights (weight_sharing='shared'); "
-                         f"this model has weight_sharing={config.weight_sharing!r}. Fix: use "
-                         "mode='sequential'")
-    if mode == "recurrent" and config.num_sections < 2:
-        raise ValueError("mode='recurrent' needs num_sections >= 2 (it reuses the "
-                         "cross-attention of sections 2..p). Fix: use mode='sequential'")
+    sampling.check_mode(mode, config.weight_sharing, config.num_sections)
     unsupported = {"apply_residual_connection_post_layernorm":
                    config.apply_residual_connection_post_layernorm,
                    "sequence_parallel": config.sequence_parallel}

@@ -389,13 +389,7 @@ def _check_arguments(model, max_batch_size: int, max_sequence_length: int, mode:
         raise ValueError(f"max_batch_size={max_batch_size} and max_sequence_length="
                          f"{max_sequence_length} must both be >= 1. Fix: pass positive sizes")
     cfg = model.cfg
-    if mode in ("batched", "recurrent") and cfg.weight_sharing != "shared":
-        raise ValueError(f"mode={mode!r} needs shared section weights (weight_sharing="
-                         f"'shared'); this model has weight_sharing={cfg.weight_sharing!r}. "
-                         "Fix: use mode='sequential'")
-    if mode == "recurrent" and cfg.num_sections < 2:
-        raise ValueError("mode='recurrent' needs num_sections >= 2 (the pass reads its own "
-                         "outputs through the cross-attention). Fix: use mode='sequential'")
+    sampling.check_mode(mode, cfg.weight_sharing, cfg.num_sections)
     if (cfg.position_embedding_type == "learned_absolute"
             and max_sequence_length > cfg.max_sequence_length):
         raise ValueError(f"max_sequence_length={max_sequence_length} exceeds the model's "

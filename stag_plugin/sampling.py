@@ -87,6 +87,19 @@ def stop_sets(stop_tokens, batch: int) -> List[set]:
     return [set(s) for s in stop_tokens]
 
 
+def check_mode(mode: str, weight_sharing: str, num_sections: int) -> None:
+    """The rules every decoder shares: batched / recurrent need shared section weights, and
+    recurrent decoding needs a cross-attention to read its own outputs through (p >= 2)."""
+    if mode in ("batched", "recurrent") and weight_sharing != "shared":
+        raise ValueError(f"mode={mode!r} needs shared section weights (weight_sharing="
+                         f"'shared'); this model has weight_sharing={weight_sharing!r}. "
+                         "Fix: use mode='sequential'")
+    if mode == "recurrent" and num_sections < 2:
+        raise ValueError("mode='recurrent' needs num_sections >= 2 (the pass reads its own "
+                         "outputs through the cross-attention of sections 2..p). Fix: use "
+                         "mode='sequential'")
+
+
 class Decoder(Protocol):
     """What `generate` needs from a decoder."""
 
