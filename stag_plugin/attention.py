@@ -127,6 +127,7 @@ class StagCrossAttention(Attention):
         attn_mask_type: AttnMaskType = AttnMaskType.arbitrary,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        name: Optional[str] = None,
     ):
         super().__init__(
             config=config,
@@ -136,14 +137,16 @@ class StagCrossAttention(Attention):
             attention_type="cross",
             cp_comm_type=cp_comm_type,
             pg_collection=pg_collection,
+            **compat.name_kwargs(name),
         )
         bias = config.add_bias_linear or config.add_qkv_bias
         projection = dict(config=config, init_method=config.init_method, gather_output=False,
                           bias=bias, skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
         self.linear_q = submodules.linear_q(config.hidden_size, self.query_projection_size,
-                                            **projection)
+                                            **projection, **compat.name_kwargs(name, ".linear_q"))
         self.linear_kv = submodules.linear_kv(config.hidden_size, 2 * self.kv_projection_size,
-                                              **projection)
+                                              **projection,
+                                              **compat.name_kwargs(name, ".linear_kv"))
         self.rotary = compat.rotary_embedding(config) if config.cross_attention_rope else None
         self.groups_per_partition = divide(config.num_query_groups, self.world_size)
 

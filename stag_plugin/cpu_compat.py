@@ -161,6 +161,30 @@ class _CpuCuda(types.ModuleType):
     def empty_cache():
         return None
 
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _CPU_STREAM
+
+    @staticmethod
+    def stream(*args, **kwargs):
+        return contextlib.nullcontext()
+
+
+class _CpuStream:
+    """The CPU's one "stream": work is done when a call returns, so every wait is a no-op."""
+
+    def wait_event(self, event):
+        return None
+
+    def wait_stream(self, stream):
+        return None
+
+    def synchronize(self):
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
 
 class _CpuTorch(types.ModuleType):
     """`torch` as seen by adapted modules: factories put CUDA-device tensors on the CPU."""

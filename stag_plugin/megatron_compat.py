@@ -10,6 +10,8 @@ Contents:
     require_optional       import guard for transformer_engine / apex / deepspeed features
     RotaryEmbedding        Megatron's RotaryEmbedding that stays on the CPU when there is no GPU
     apply_rope             Megatron's apply_rotary_pos_emb, behind one signature
+    name_kwargs            the `name=` keyword Megatron (0.19+) gives modules built from specs
+    read_common_state      a checkpoint's common (non-tensor) state, as bytes, in either layout
     model_parallel_rng     the model-parallel RNG fork on CUDA, a no-op on CPU
     initialize_single_process   a world of one process (gloo) for notebooks, probes and tests
     megatron_lm_pretrain_api    which calling convention Megatron-LM's `pretrain()` has
@@ -21,8 +23,10 @@ import contextlib
 import importlib
 import inspect
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.distributed.checkpoint
 
 _TE_BROKEN_HELP = (
     "Megatron-Core could not be imported because Transformer Engine failed to load: {err}\n"
@@ -43,6 +47,11 @@ def import_megatron_core():
     try:
         return importlib.import_module("megatron.core")
     except ImportError as err:
+        if err.name == "triton":  # megatron-core 0.19 imports triton at start-up
+            raise ImportError(
+                f"megatron-core could not be imported: {err}. From 0.19 it imports triton when "
+                "it starts; CUDA builds of torch bring triton, CPU builds do not. Fix: "
+                "`pip install triton`") from err
         if "megatron" in str(err):
             raise ImportError(
                 "stag_plugin needs megatron-core >= 0.16.1: `pip install 'megatron-core>=0.16.1'`"
@@ -79,6 +88,20 @@ from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
 from megatron.core.models.common.embeddings.rotary_pos_embedding import (  # noqa: E402
     RotaryEmbedding as _MegatronRotaryEmbedding,
 )
+from megatron.core.transformer.attention import Attention as _Attention  # noqa: E402
+
+# megatron-core 0.19 gives every module built from a spec its instance name (`name=`, e.g.
+# "decoder.layers.3.cross_attention") and passes it on to the module's own submodules (linear
+# layers included); 0.16 - 0.18 have no such argument.
+_MODULES_TAKE_NAMES = "name" in inspect.signature(_Attention.__init__).parameters
+
+
+def name_kwargs(name, child: str = "") -> dict:
+    """`{"name": name + child}` for Megatron releases whose modules take instance names (0.19+),
+    `{}` for older ones; `name` None (a module built without a parent's name) stays None."""
+    if not _MODULES_TAKE_NAMES:
+        return {}
+    return {"name": None if name is None else name + child}
 
 
 class RotaryEmbedding(_MegatronRotaryEmbedding):
@@ -152,6 +175,74 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
+
+# ---------------------------------------------------------------------------- checkpoints
+
+# Up to megatron-core 0.18 `dist_checkpointing.save` writes a checkpoint's common (non-tensor)
+# state, e.g. Megatron-LM's args, to `common.pt` beside the torch_dist shards; from 0.19 it is
+# the byte object "common_state" inside the torch_dist checkpoint and common.pt is only read
+# from older checkpoints. Which layout a folder has depends on who wrote it, not on the
+# installed release, so both are read.
+LEGACY_COMMON_FILE = "common.pt"
+COMMON_STATE_KEY = "common_state"
+
+
+@dataclass(frozen=True)
+class CommonState:
+    """A checkpoint's serialized common state, not yet unpickled."""
+
+    where: str  # the file or checkpoint entry it came from (for messages)
+    payload: bytes  # torch.save output
+    sharded: bool  # 0.19 layout: a ShardedObject, whose payload holds [state]
+
+    def load(self, unpickle):
+        """The state, unpickled by `unpickle` (bytes -> object; the caller chooses how far to
+        trust them)."""
+        found = unpickle(self.payload)
+        if not self.sharded:
+            return found
+        if not isinstance(found, list) or len(found) != 1:
+            raise ValueError(f"{self.where} is not the one-element list megatron-core writes")
+        return found[0]
+
+
+def read_common_state(folder) -> CommonState:
+    """The common state of checkpoint `folder` in either layout (FileNotFoundError: none)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    legacy = folder / LEGACY_COMMON_FILE
+    if legacy.is_file():
+        return CommonState(str(legacy), legacy.read_bytes(), sharded=False)
+    key = _common_state_storage_key()
+    reader = torch.distributed.checkpoint.FileSystemReader(str(folder))
+    if key not in reader.read_metadata().state_dict_metadata:
+        raise FileNotFoundError(f"{folder} holds neither {LEGACY_COMMON_FILE} (megatron-core "
+                                f"<= 0.18) nor a '{COMMON_STATE_KEY}' entry (0.19+)")
+    planner = _RawBytesPlanner()
+    torch.distributed.checkpoint.load({key: None}, storage_reader=reader, planner=planner,
+                                      no_dist=True)
+    return CommonState(f"{folder} ('{COMMON_STATE_KEY}' entry)", planner.raw[key], sharded=True)
+
+
+def _common_state_storage_key() -> str:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(COMMON_STATE_KEY, None, (1,), (0,)).unique_key
+
+
+class _RawBytesPlanner(torch.distributed.checkpoint.DefaultLoadPlanner):
+    """Keeps byte entries as bytes: torch's planner unpickles them without restriction."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False)
+        self.raw = {}
+
+    def load_bytes(self, read_item, value) -> None:
+        self.raw[read_item.dest_index.fqn] = value.read()
+
+
+# ---------------------------------------------------------------------------- Megatron-LM
 
 PRETRAIN_APIS = ("positional", "config")
 

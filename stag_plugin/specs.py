@@ -22,6 +22,9 @@ from stag_plugin.megatron_compat import require_optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
+    get_mlp_module_spec_for_backend,
+)
 from megatron.core.transformer.attention import (  # noqa: E402
     CrossAttentionSubmodules,
     SelfAttention,
@@ -29,7 +32,6 @@ from megatron.core.transformer.attention import (  # noqa: E402
 )
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
-from megatron.core.transformer.mlp import MLP, MLPSubmodules  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
 from megatron.core.transformer.transformer_layer import (  # noqa: E402
@@ -70,8 +72,8 @@ class StagLocalSpecProvider(LocalSpecProvider):
     def core_attention(self) -> type:
         return SDPAttention
 
-    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
-        return TorchNorm
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, **options) -> type:
+        return TorchNorm  # (options: megatron-core 0.19 adds `has_residual`, unused by torch norms)
 
 
 def get_backend(name: str = "local") -> BackendSpecProvider:
@@ -124,7 +126,7 @@ def _layer_spec(provider, qk_layernorm: bool, with_cross_attention: bool) -> Mod
             self_attn_bda=get_bias_dropout_add,
             **cross,
             pre_mlp_layernorm=norm,
-            mlp=_mlp_spec(provider),
+            mlp=get_mlp_module_spec_for_backend(provider),  # Megatron's own dense MLP spec
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -157,12 +159,3 @@ def _cross_attention_spec(provider) -> ModuleSpec:
         ),
     )
 
-
-def _mlp_spec(provider) -> ModuleSpec:
-    return ModuleSpec(
-        module=MLP,
-        submodules=MLPSubmodules(
-            linear_fc1=provider.column_parallel_linear(),
-            linear_fc2=provider.row_parallel_linear(),
-        ),
-    )

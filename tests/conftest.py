@@ -11,6 +11,12 @@ import torch
 from stag_plugin import megatron_compat as compat
 
 
+def pytest_report_header(config):
+    import megatron.core
+
+    return f"megatron-core {megatron.core.__version__}, torch {torch.__version__}"
+
+
 @pytest.fixture(autouse=True)
 def megatron_tp1():
     """Tensor/pipeline parallel size 1 in this process (initialised on first use)."""

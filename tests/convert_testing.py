@@ -85,10 +85,14 @@ def edit_index(folder: Path, edit) -> None:
         pickle.dump(metadata, handle)
 
 
-def truncate_largest_file(folder: Path) -> Path:
-    path = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+def truncate_within(folder: Path, key: str) -> Path:
+    """Cut the shard file that holds (a piece of) tensor `key` in the middle of that piece."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(folder)).read_metadata().storage_data
+    info = next(info for index, info in storage.items() if index.fqn == key)
+    path = folder / info.relative_path
+    path.write_bytes(path.read_bytes()[: info.offset + info.length // 2])
     return path
 
 
@@ -117,7 +121,7 @@ def megatron_lm_args(config, tie: bool, **overrides) -> argparse.Namespace:
 
 def save_megatron_lm(gpt, root: Path, iteration: int, args: argparse.Namespace) -> Path:
     """A GPTModel saved as Megatron-LM saves it: iter_XXXXXXX/ (torch_dist, stacked layers,
-    common.pt with the args) and the tracker file."""
+    the args in the common state) and the tracker file."""
     from megatron.core import dist_checkpointing
 
     from stag_plugin.cpu_compat import apply_cpu_compat

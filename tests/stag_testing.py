@@ -51,6 +51,20 @@ def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
+def fp32_tolerance(reference: torch.nn.Module, tokens: torch.Tensor, floor: float = 1e-4) -> float:
+    """A parity bound for two fp32 computations of the reference model's logits on `tokens`:
+    `floor`, or 4x how far its fp32 forward lies from the same forward in fp64, whichever is
+    larger. Heavily perturbed weights make some random models ill-conditioned (fp32 alone is
+    then 3e-4 from fp64 at logits ~30); a real error (a wrong mask, shift or cache) moves logits
+    by O(1)."""
+    import copy
+
+    exact = copy.deepcopy(reference).double()
+    with torch.no_grad():
+        rounding = (reference(tokens).double() - exact(tokens)).abs().max().item()
+    return max(floor, 4 * rounding)
+
+
 def random_tokens(batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (batch, seq_len), generator=generator)

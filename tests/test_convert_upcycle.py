@@ -2,7 +2,7 @@
 
 Two sources: the plugin's own p = 1 checkpoint (`stag train --stag-num-sections 1`, 2 steps)
 and a real Megatron-Core GPTModel (Megatron's own local layer spec, every weight perturbed)
-saved the way Megatron-LM saves it (stacked layer keys, common.pt with the args). The
+saved the way Megatron-LM saves it (stacked layer keys, the args in the common state). The
 expectation for `duplicate` comes from the source itself: its logits, computed by its own
 model class (GPTModel for the Megatron-LM source), must be reproduced bitwise (the zeroed
 cross-attention adds exact zeros).
@@ -240,7 +240,7 @@ def test_megatron_lm_source_errors(capsys, tmp_path, flags, megatron_source):
     base = ["from-gpt", "--load", load, "--out", out, "--recipe", "duplicate",
             "--stag-num-sections", 2]
     assert_convert_error(capsys, base, "--tokenizer-model", out=out)
-    # args that disagree with the tensors (a common.pt from another model)
+    # args that disagree with the tensors (the common state of another model)
     config = tiny_config(num_sections=1, num_layers=MEGATRON_LAYERS, hidden_size=32)
     wrong = save_megatron_lm(megatron_source["gpt"], tmp_path / "wrong", 1,
                              megatron_lm_args(config, tie=False, num_layers=3))
@@ -258,7 +258,7 @@ def test_megatron_lm_source_errors(capsys, tmp_path, flags, megatron_source):
 
 def test_megatron_lm_args_with_other_python_objects(capsys, tmp_path, flags, megatron_source,
                                                     batch):
-    """A common.pt whose args hold a type the weights-only loader refuses: a clear error, and
+    """A common state whose args hold a type the weights-only loader refuses: a clear error, and
     with --trust-checkpoint-code the conversion works (full unpickling, as Megatron-LM does)."""
     import datetime
 

@@ -81,6 +81,16 @@ def test_broken_transformer_engine_gets_a_clear_message(tmp_path):
     assert "pip uninstall" in final_error
 
 
+def test_missing_triton_gets_the_install_hint(monkeypatch):
+    """megatron-core 0.19 imports triton at start-up; a CPU torch build does not bring it."""
+    def no_triton(name):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    monkeypatch.setattr(megatron_compat.importlib, "import_module", no_triton)
+    with pytest.raises(ImportError, match=r"imports triton.*Fix: `pip install triton`"):
+        megatron_compat.import_megatron_core()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None,
                     reason="deepspeed is installed here")
 def test_missing_optional_dependency_names_feature_and_install():

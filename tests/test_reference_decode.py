@@ -17,8 +17,8 @@ import torch
 from stag_plugin.reference import ReferenceConfig, StagFormer
 from stag_plugin.reference_decode import ReferenceDecoder
 from stag_plugin.sampling import Sampler
-from stag_testing import (decode_logits, fresh_seed, modes_for, perturb_parameters,
-                          random_tokens, variant_id)
+from stag_testing import (decode_logits, fp32_tolerance, fresh_seed, modes_for,
+                          perturb_parameters, random_tokens, variant_id)
 
 VOCAB, MAX_LEN = 96, 64
 LENGTH = 12  # tokens per test sequence
@@ -155,6 +155,7 @@ def test_reference_decoder_equals_stag_decoder(overrides, modes):
     reference = StagFormer(cfg).eval()
     reference.load_state_dict(megatron_to_reference(megatron.state_dict(), cfg))
     tokens, _ = random_tokens(2, LENGTH, seed)
+    bound = fp32_tolerance(reference, tokens)
     for mode in modes:
         ours = ReferenceDecoder(reference, 2, 16, mode=mode)
         theirs = StagDecoder(megatron, 2, 16, mode=mode)
@@ -164,7 +165,8 @@ def test_reference_decoder_equals_stag_decoder(overrides, modes):
                       for t in range(prompt, LENGTH)]
             for n, (a, b) in enumerate(steps):
                 diff = (a - b).abs().max().item()
-                assert diff < 1e-4, f"seed {seed}, mode {mode}, prompt {prompt}, step {n}: {diff}"
+                assert diff < bound, (f"seed {seed}, mode {mode}, prompt {prompt}, step {n}: "
+                                      f"{diff} (bound {bound})")
         assert ours.generate(tokens[:, :4], 8) == theirs.generate(tokens[:, :4], 8, Sampler()), \
             f"seed {seed}, mode {mode}"
 

@@ -119,10 +119,13 @@ def complete_iteration_dirs(root: Path) -> list:
 
 def assert_complete_checkpoint(folder: Path, iteration: int, tokenizer_model: Path) -> None:
     """A folder Megatron can load (torch_dist metadata, shards, common state) plus our files."""
+    from megatron.core import dist_checkpointing
+
     assert folder.name == f"iter_{iteration:07d}"
     names = {p.name for p in folder.iterdir()}
-    assert {"metadata.json", ".metadata", "common.pt", "stag_run.json", "tokenizer.model"} <= names
+    assert {"metadata.json", ".metadata", "stag_run.json", "tokenizer.model"} <= names
     assert any(name.endswith(".distcp") for name in names), names
+    assert isinstance(dist_checkpointing.load_common_state_dict(str(folder)), dict)
     run = json.loads((folder / "stag_run.json").read_text())
     assert run["iteration"] == iteration
     assert (folder / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()

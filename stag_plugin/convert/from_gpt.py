@@ -45,7 +45,7 @@ def build_parser(prog: str = "stag convert from-gpt") -> argparse.ArgumentParser
     parser.add_argument("--tokenizer-model", type=Path, default=None,
                         help="SentencePiece model (Megatron-LM sources only)")
     parser.add_argument("--trust-checkpoint-code", action="store_true",
-                        help="Megatron-LM sources: unpickle common.pt fully (it may hold "
+                        help="Megatron-LM sources: unpickle the common state fully (it may hold "
                              "arbitrary Python objects); only for checkpoints you trust")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true")

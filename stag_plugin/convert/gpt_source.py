@@ -3,7 +3,7 @@
 Two kinds of source, told apart by the run record:
 
     stag train --stag-num-sections 1     stag_run.json + tokenizer.model; keys as StagGPTModel's
-    Megatron-LM GPTModel                 no stag_run.json; args in common.pt; GPTModel keys
+    Megatron-LM GPTModel                 no stag_run.json; args in the common state; GPTModel keys
 
 Megatron-LM's GPTModel keys map onto the p = 1 StagGPTModel keys by the tables below.
 Megatron's TransformerBlock saves its (homogeneous) layers STACKED: one key
@@ -132,7 +132,7 @@ def read_megatron_lm_gpt(ckpt: source.Checkpoint, tokenizer_model: Optional[Path
     margs = source.read_common(ckpt.folder, trusted=trust_code).get("args")
     if margs is None:
         raise ConvertError(f"{ckpt.folder} has neither a stag_run.json nor Megatron-LM's args "
-                           "(common.pt 'args'), so the model's configuration is unknown",
+                           "(the common state's 'args'), so the model's configuration is unknown",
                            "pass a checkpoint written by stag train or by Megatron-LM")
     tokenizer, tokenizer_info = _tokenizer(tokenizer_model, ckpt)
     args = args_from_megatron_lm(margs, tokenizer_info["vocab_size"])
@@ -142,8 +142,8 @@ def read_megatron_lm_gpt(ckpt: source.Checkpoint, tokenizer_model: Optional[Path
     entries = stag_entries(index, args.num_layers, ckpt.folder)
     source.check_tensors({k: (shape, dtype) for k, (_, _, shape, dtype) in entries.items()},
                          name_map.megatron_shapes(cfg), source.params_dtype(args), ckpt.folder,
-                         "pass the Megatron-LM checkpoint together with its own common.pt "
-                         "(its args must describe these tensors)")
+                         "pass the Megatron-LM checkpoint as it was saved: the args in its "
+                         "common state must describe these tensors")
     whole = source.read_tensors(ckpt.folder, index, sorted({g for g, *_ in entries.values()}),
                                 progress)
     state = {key: whole[gpt_key] if layer is None else whole[gpt_key][layer].clone()
@@ -180,7 +180,7 @@ def _layer_entries(key, rest, shape, dtype, num_layers, where) -> Dict[str, Tupl
     if not shape or shape[0] != num_layers:  # stacked: [L, ...]
         raise ConvertError(f"{where}: {key} stacks {shape[0] if shape else 0} layers, but the "
                            f"checkpoint's args say num_layers={num_layers}",
-                           "pass the checkpoint together with the common.pt saved with it")
+                           "pass the checkpoint as it was saved, with its own common state")
     module = TE_FUSED_NORMS.get(rest, rest)
     return {template.format(i=i) + module: (key, i, tuple(shape[1:]), dtype)
             for i in range(num_layers)}
@@ -192,7 +192,7 @@ def args_from_megatron_lm(margs, vocab_size: int) -> argparse.Namespace:
 
     missing = [name for name in MEGATRON_LM_REQUIRED if getattr(margs, name, None) is None]
     if missing:
-        raise ConvertError(f"Megatron-LM's args in common.pt lack {missing}",
+        raise ConvertError(f"Megatron-LM's args in the common state lack {missing}",
                            "pass a checkpoint written by Megatron-LM's training loop")
     unsupported = [f"{name}={getattr(margs, name)!r}" for name, value in UNSUPPORTED_ARGS.items()
                    if getattr(margs, name, value) not in (value, None)]

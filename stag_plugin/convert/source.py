@@ -16,21 +16,23 @@ never read.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import pickle
 import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
 from stag_plugin import checkpointing
+from stag_plugin import megatron_compat as compat
 from stag_plugin.convert.common import ConvertError, say
 
 NON_MODEL_PREFIXES = ("optimizer.",)  # everything else in the tensor index is a model tensor
-COMMON_FILE = "common.pt"
 INDEX_FILE = ".metadata"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 READ_GROUP_BYTES = 256 * 2**20  # tensors read per call (bounds the memory of one read)
@@ -235,32 +237,40 @@ def _corrupted(path: Path, err: Exception) -> ConvertError:
 
 
 def read_common(folder: Path, trusted: bool = False) -> dict:
-    """common.pt (the non-tensor entries: Megatron-LM stores its args there), unpickled with
-    torch's weights-only loader plus the types Megatron-LM puts in it; `trusted`: full
+    """The checkpoint's common state (the non-tensor entries: Megatron-LM stores its args there;
+    common.pt or, from megatron-core 0.19, an entry of the distributed checkpoint), unpickled
+    with torch's weights-only loader plus the types Megatron-LM puts in it; `trusted`: full
     unpickling (arbitrary Python objects, as Megatron-LM itself loads it)."""
-    path = folder / COMMON_FILE
-    if not path.is_file():
-        raise ConvertError(f"{path} is missing", "pass a complete distributed checkpoint")
     try:
-        if trusted:
-            common = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals(_safe_globals()):
-                common = torch.load(path, map_location="cpu", weights_only=True)
+        stored = compat.read_common_state(folder)
+    except FileNotFoundError as err:
+        raise ConvertError(f"the common state is missing: {err}",
+                           "pass a complete distributed checkpoint") from err
+    except Exception as err:
+        raise _corrupted(folder, err) from err
+    try:
+        common = stored.load(partial(_unpickle, trusted=trusted))
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found is None:
-            raise _corrupted(path, err) from err
+            raise _corrupted(stored.where, err) from err
         raise ConvertError(
-            f"{path} holds a Python object of type {found.group(1)}, which the safe "
+            f"{stored.where} holds a Python object of type {found.group(1)}, which the safe "
             "(weights-only) loader does not accept",
             "if you trust this checkpoint, rerun with --trust-checkpoint-code (full unpickling, "
             "as Megatron-LM loads it)") from err
     except Exception as err:
-        raise _corrupted(path, err) from err
+        raise _corrupted(stored.where, err) from err
     if not isinstance(common, dict):
-        raise ConvertError(f"{path} does not hold a dict", "pass a Megatron checkpoint")
+        raise ConvertError(f"{stored.where} does not hold a dict", "pass a Megatron checkpoint")
     return common
+
+
+def _unpickle(payload: bytes, trusted: bool):
+    if trusted:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def _safe_globals() -> list:
