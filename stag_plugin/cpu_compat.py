@@ -19,7 +19,10 @@ One option combination is wrong rather than unsupported on CPU: the interleaved 
 with batched p2p runs over gloo but gives wrong losses. `check_cpu_pipeline_options(config)`
 refuses it with the fix; entry points call it once they have a config.
 
-Spots and line numbers are those of megatron-core 0.16.1, listed in ../shared/MEGATRON_CPU.md.
+Line numbers are those of megatron-core 0.16.1; 0.19 has the same spots (at other lines) and
+one more kind, CUDA stream waits in DDP's gradient sync (`param_and_grad_buffer.py`
+`start_grad_sync`/`finish_grad_sync`: `torch.cuda.current_stream()`), which the CPU view answers
+with a stream whose waits do nothing. docs/megatron_versions.md lists them for users.
 Megatron's checkpoint saver also starts a spawn-context `multiprocessing.Manager`: scripts that
 save must guard their entry point with `if __name__ == "__main__":` (all of ours do).
 """
@@ -48,7 +51,8 @@ CUDA_TENSOR_MODULES = (
     # tensor_parallel/layers.py:552 sequence-parallel all-gather buffer in the linear layers'
     # backward (and :597/:607 gradient-accumulation buffers) on current_device()
     "megatron.core.tensor_parallel.layers",
-    # distributed/param_and_grad_buffer.py:800/806 param and grad buffers on current_device()
+    # distributed/param_and_grad_buffer.py:800/806 param and grad buffers on current_device();
+    # (0.19) start_grad_sync / finish_grad_sync wait on torch.cuda.current_stream()
     "megatron.core.distributed.param_and_grad_buffer",
     # distributed/distributed_data_parallel.py:588/594/611 synchronize / empty_cache
     "megatron.core.distributed.distributed_data_parallel",

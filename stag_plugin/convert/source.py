@@ -274,22 +274,15 @@ def _unpickle(payload: bytes, trusted: bool):
 
 
 def _safe_globals() -> list:
-    """argparse.Namespace and the Megatron types that Megatron-LM's args may hold (Megatron's
-    own list, `megatron.core.safe_globals`, where the installed version has one)."""
-    from megatron.core import enums as core_enums
-    from megatron.core.transformer import enums
+    """Megatron-Core's own list of types it considers safe in a checkpoint's common state
+    (`megatron.core.safe_globals`), plus argparse.Namespace and the enums Megatron-LM's args
+    may hold."""
+    from megatron.core.enums import Fp4Recipe, Fp8Recipe, ModelType
+    from megatron.core.safe_globals import SAFE_GLOBALS
+    from megatron.core.transformer.enums import AttnBackend, AttnMaskType, LayerType
 
-    found = [argparse.Namespace]
-    for module in (enums, core_enums):
-        for name in ("AttnBackend", "AttnMaskType", "ModelType", "LayerType", "Fp8Recipe",
-                     "Fp4Recipe"):
-            if hasattr(module, name):
-                found.append(getattr(module, name))
-    try:
-        from megatron.core.safe_globals import SAFE_GLOBALS
-    except ImportError:  # older megatron-core
-        SAFE_GLOBALS = []
-    return found + list(SAFE_GLOBALS)
+    return [argparse.Namespace, AttnBackend, AttnMaskType, LayerType, ModelType, Fp8Recipe,
+            Fp4Recipe, *SAFE_GLOBALS]
 
 
 # ---------------------------------------------------------------------------- verification
