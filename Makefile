@@ -1,8 +1,9 @@
-# Entry points for a fresh machine: `make demo` (the main job) and `make test` build the virtual
+# Entry points for a fresh machine: `make demo` (the embedded default) and `make test` build the virtual
 # environments they need (torch: the CPU build 2.13.0 when no torch is importable; the plugin with
 # its test extras), then run the demo or pytest.
 #
-# `make test` runs the whole suite twice, once per supported megatron-core line:
+# `make test` runs ruff (`make lint`), then the whole suite twice, once per supported
+# megatron-core line:
 #   .venv        megatron-core 0.16.1 (the newest wheel for Python 3.10 / 3.11)
 #   .venv-mcore  megatron-core $(MCORE_NEW) (releases from 0.17 declare Python >= 3.12; on an older
 #                Python its source distribution is built with --ignore-requires-python, which is
@@ -18,7 +19,7 @@ PY_NEW    := $(VENV_NEW)/bin/python
 STAMP_NEW := $(VENV_NEW)/.stag_installed_$(MCORE_NEW)
 PYTEST    := -m pytest -q tests
 
-.PHONY: install install-mcore-new demo test test-mcore-0.16 test-mcore-new example clean
+.PHONY: install install-mcore-new demo lint test test-mcore-0.16 test-mcore-new example clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,9 +52,12 @@ install: $(STAMP)
 install-mcore-new: $(STAMP_NEW)
 
 demo: $(STAMP)
-	$(PY) -m stag_plugin.demo --out runs/demo
+	$(PY) -m stag_plugin demo --out runs/demo
 
-test: test-mcore-0.16 test-mcore-new
+lint: $(STAMP)
+	$(PY) -m ruff check stag_plugin tests bench examples
+
+test: lint test-mcore-0.16 test-mcore-new
 
 test-mcore-0.16: $(STAMP)
 	$(PY) $(PYTEST)

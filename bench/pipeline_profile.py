@@ -45,15 +45,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=8)
     args = parser.parse_args()
-    from stag_plugin import train
-    from stag_plugin.inference import StagDecoder
+    from stag_plugin.compat.cpu import quiet_known_warnings
+    from stag_plugin.decode.pipeline import PipelineDecoder
+    from stag_plugin.training import runtime
 
-    train.quiet_known_warnings()
+    quiet_known_warnings()
     torch.set_num_threads(1)
-    train.setup_distributed(1, 2, timeout_minutes=10)
+    runtime.setup_distributed(1, 2, timeout_minutes=10)
     rank = torch.distributed.get_rank()
     model, _, _ = bench.build(bench.PIPELINE, bench.SIZES[args.size], args.context, pipeline=2)
-    decoder = StagDecoder(model, 1, args.context, mode="pipeline")
+    decoder = PipelineDecoder(model, 1, args.context)
     prompt = torch.randint(0, bench.SIZES[args.size]["vocab"],
                            (1, args.context - args.steps - args.warmup - 1),
                            generator=torch.Generator().manual_seed(0))

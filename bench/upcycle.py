@@ -45,7 +45,7 @@ SIZES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stag_plugin import arguments
+    from stag_plugin.training import arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/upcycle"))
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from stag_plugin.cpu_compat import quiet_known_warnings
+    from stag_plugin.compat.cpu import quiet_known_warnings
 
     quiet_known_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -141,7 +141,7 @@ def train_flags(name: str, model_flags: list, size: dict, options, load=None) ->
 def train_variant(name: str, model_flags: list, size: dict, options, load=None,
                   offset: int = 0) -> dict:
     """One `stag train` run in this process; with `load`, a fine-tune evaluated at step 0."""
-    from stag_plugin import arguments, train
+    from stag_plugin.training import arguments, train
 
     print(f"\n=== {name} ===", file=sys.stderr, flush=True)
     argv = train_flags(name, model_flags, size, options, load)

@@ -14,9 +14,9 @@ import torch
 
 warnings.filterwarnings("ignore", module=r"megatron\.")  # Megatron's deprecation chatter
 
-from stag_plugin import StagFormerConfig, StagGPTModel
-from stag_plugin.name_map import megatron_to_reference
-from stag_plugin.reference import ReferenceConfig, StagFormer
+from stag_plugin import StagFormerConfig, StagGPTModel  # noqa: E402
+from stag_plugin.reference.model import ReferenceConfig, StagFormer  # noqa: E402
+from stag_plugin.reference.name_map import megatron_to_reference  # noqa: E402
 
 VOCAB, SEQ, BATCH = 128, 64, 8
 

@@ -1,17 +1,25 @@
-"""`stag`: the plugin's command line (`stag train | eval | generate | convert | demo`), one module
-per command."""
+"""`stag`: the plugin's command line (`stag train | eval | generate | convert | demo`), also
+`python -m stag_plugin <command>` (the form torchrun launches).
+
+Each command is a module with `main(argv) -> int`; `stag convert` is a group whose module holds
+its own SUBCOMMANDS table. A StagError from any command is printed as one line,
+`stag <command>: error: <problem>. Fix: <fix>`, with exit code 2; nothing else is caught.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
+from stag_plugin.errors import StagError
+
 COMMANDS = {
-    "train": ("stag_plugin.train", "train a StagFormer or plain GPT on Megatron-Core"),
-    "eval": ("stag_plugin.evaluate", "validation / test perplexity of a checkpoint"),
+    "train": ("stag_plugin.training.train", "train a StagFormer or plain GPT on Megatron-Core"),
+    "eval": ("stag_plugin.training.evaluate", "validation / test perplexity of a checkpoint"),
     "generate": ("stag_plugin.generate", "stream a checkpoint's continuation of a prompt"),
     "convert": ("stag_plugin.convert", "to-inference | reshard | from-gpt (upcycling)"),
-    "demo": ("stag_plugin.demo", "the main job: four models on the embedded corpus, a report"),
+    "demo": ("stag_plugin.training.demo",
+             "four models on the embedded corpus, compared in a report (`make demo`)"),
 }
 
 
@@ -22,9 +30,9 @@ def usage(prog: str, table: dict) -> str:
     return "\n".join(lines)
 
 
-def dispatch(prog: str, table: dict, argv) -> int:
-    """Run `<prog> <command> [flags]`: the `main(flags)` of the module `table[command]` names
-    (table: command -> (module, one-line help))."""
+def dispatch(prog: str, table: dict, argv: list) -> int:
+    """Run `<prog> <command> [flags]` from `table` (command -> (module, one-line help)): the
+    module's `main(flags)`, or, for a group, the same dispatch over its SUBCOMMANDS."""
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(prog, table))
         return 0 if argv else 2
@@ -33,12 +41,19 @@ def dispatch(prog: str, table: dict, argv) -> int:
         print(f"{prog}: error: unknown command {command!r}\n{usage(prog, table)}",
               file=sys.stderr)
         return 2
-    return importlib.import_module(table[command][0]).main(rest)
+    module = importlib.import_module(table[command][0])
+    if hasattr(module, "SUBCOMMANDS"):
+        return dispatch(f"{prog} {command}", module.SUBCOMMANDS, rest)
+    return module.main(rest)
 
 
 def main(argv=None) -> int:
-    return dispatch("stag", COMMANDS, sys.argv[1:] if argv is None else list(argv))
+    from stag_plugin.compat.cpu import quiet_known_warnings
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    quiet_known_warnings()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return dispatch("stag", COMMANDS, argv)
+    except StagError as err:
+        print(f"stag {argv[0]}: error: {err}", file=sys.stderr)
+        return 2

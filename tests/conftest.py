@@ -8,7 +8,24 @@ threads), so a full run ended with thousands of threads and a crawling machine.
 import pytest
 import torch
 
-from stag_plugin import megatron_compat as compat
+from stag_plugin.compat import megatron as compat
+
+import stag_testing
+
+
+@pytest.fixture(autouse=True)
+def _forget_seeds():
+    stag_testing.SEEDS.clear()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test lists the fresh seeds it drew, and how to replay one."""
+    report = (yield).get_result()
+    if report.when == "call" and report.failed and stag_testing.SEEDS:
+        report.sections.append(("fresh seeds", f"drawn: {stag_testing.SEEDS}; replay with "
+                                               "STAG_TEST_SEED=<seed> pytest ..."))
 
 
 def pytest_report_header(config):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from stag_plugin import convert
+from stag_plugin import cli
 from stag_plugin.convert.common import partial_path
+
 from stag_testing import small_corpus
 
 VOCAB = 512  # SentencePiece pieces; a multiple of 128, so Megatron's padding keeps it
@@ -19,7 +20,7 @@ SEQ = 32
 
 def prepare_flags(tmp_path_factory) -> list:
     """`stag train` flags of a tiny model on 40 standard-library files (data prepared once)."""
-    from stag_plugin.data import prepare_data
+    from stag_plugin.training.data import prepare_data
 
     corpus = small_corpus(tmp_path_factory, "convert")
     cache = tmp_path_factory.mktemp("convert-data")
@@ -39,14 +40,14 @@ def tokenizer_of(flags: list) -> Path:
 
 
 def convert_ok(*argv) -> None:
-    code = convert.main([str(a) for a in argv])
+    code = cli.main(["convert", *map(str, argv)])
     assert code == 0, f"stag convert {' '.join(map(str, argv))} exited with {code}"
 
 
 def assert_convert_error(capsys, argv, *words, out: Path = None) -> str:
     """Exit code 2, one `stag convert: error: <problem>. Fix: <fix>` line naming `words`, and
     neither --out nor its .partial sibling left behind."""
-    code = convert.main([str(a) for a in argv])
+    code = cli.main(["convert", *map(str, argv)])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("stag convert: error: ")]
     assert code == 2, err
@@ -124,7 +125,7 @@ def save_megatron_lm(gpt, root: Path, iteration: int, args: argparse.Namespace) 
     the args in the common state) and the tracker file."""
     from megatron.core import dist_checkpointing
 
-    from stag_plugin.cpu_compat import apply_cpu_compat
+    from stag_plugin.compat.cpu import apply_cpu_compat
 
     apply_cpu_compat()  # Megatron's saver calls torch.cuda without a GPU otherwise
     folder = Path(root) / f"iter_{iteration:07d}"

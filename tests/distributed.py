@@ -8,7 +8,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from stag_plugin.megatron_compat import free_port
+from stag_plugin.compat.megatron import free_port
 
 
 def _entry(rank, fn, world_size, port, tensor_parallel, args):
@@ -55,7 +55,7 @@ def run_command(cmd, timeout: float, env=None, cwd=None):
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         raise TimeoutError(f"{' '.join(map(str, cmd[:6]))} ... did not finish within {timeout} s; "
-                           f"output tail:\n{output[-3000:]}")
+                           f"output tail:\n{output[-3000:]}") from None
     finally:
         _kill_group(process.pid)
     return process.returncode, output

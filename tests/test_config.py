@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from stag_plugin import StagFormerConfig
-from stag_plugin import config as config_module
+from stag_plugin.core import config as config_module
+from stag_plugin.errors import StagError
+
 from stag_testing import tiny_config
 
 STAG_FIELDS = ["num_sections", "weight_sharing", "cross_attention_window", "output_combination",
@@ -16,7 +18,8 @@ STAG_FIELDS = ["num_sections", "weight_sharing", "cross_attention_window", "outp
 
 def test_defaults_and_layers_per_section():
     cfg = StagFormerConfig(num_layers=6, hidden_size=32, num_attention_heads=4)
-    assert (cfg.num_sections, cfg.weight_sharing, cfg.cross_attention_window) == (2, "separate", None)
+    assert (cfg.num_sections, cfg.weight_sharing) == (2, "separate")
+    assert cfg.cross_attention_window is None
     assert (cfg.output_combination, cfg.cross_attention_rope) == ("last", True)
     assert cfg.layers_per_section == 3
     assert cfg.use_cpu_initialization == (not torch.cuda.is_available())
@@ -64,7 +67,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("overrides,field,words", BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize("overrides,field,words", BAD,
+                         ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
 def test_validation_error_names_field_and_fix(overrides, field, words):
     with pytest.raises(ValueError) as err:
         tiny_config(**overrides)
@@ -74,16 +78,24 @@ def test_validation_error_names_field_and_fix(overrides, field, words):
     assert "Fix:" in message
 
 
-def test_valid_variants_build():
-    for overrides in [dict(num_sections=1, num_layers=3), dict(weight_sharing="shared"),
-                      dict(cross_attention_window=1, output_combination="learned"),
-                      dict(position_embedding_type="learned_absolute", cross_attention_rope=False),
-                      dict(num_query_groups=2, tensor_model_parallel_size=2),
-                      dict(sequence_parallel=True, tensor_model_parallel_size=2),
-                      dict(num_layers=4, num_sections=2, pipeline_model_parallel_size=4)]:
-        tiny_config(**overrides)
+VALID = [dict(num_sections=1, num_layers=3), dict(weight_sharing="shared"),
+         dict(cross_attention_window=1, output_combination="learned"),
+         dict(position_embedding_type="learned_absolute", cross_attention_rope=False),
+         dict(num_query_groups=2, tensor_model_parallel_size=2),
+         dict(sequence_parallel=True, tensor_model_parallel_size=2),
+         dict(num_layers=4, num_sections=2, pipeline_model_parallel_size=4)]
+
+
+@pytest.mark.parametrize("overrides", VALID, ids=lambda o: ",".join(map(str, o.values())))
+def test_valid_variants_build(overrides):
+    config = tiny_config(**overrides)
+    assert all(getattr(config, field) == value for field, value in overrides.items())
+    assert config.layers_per_section * config.num_sections == config.num_layers
+    if config.pipeline_model_parallel_size > 1:  # the tensors between stages
+        assert config.pipeline_dtype == config.params_dtype
 
 
 def test_error_helper_is_the_single_message_format():
-    with pytest.raises(ValueError, match=r"^StagFormerConfig\.x=1: p\. Fix: f\.$"):
+    with pytest.raises(StagError, match=r"^StagFormerConfig\.x=1: p\. Fix: f$") as err:
         config_module._fail("x", 1, "p", "f")
+    assert (err.value.problem, err.value.fix) == ("StagFormerConfig.x=1: p", "f")

@@ -19,14 +19,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from stag_plugin import checkpointing, evaluate, generate, train
+from stag_plugin import cli, generate
+from stag_plugin.compat.megatron import free_port
 from stag_plugin.convert import source
-from stag_plugin.inference_folder import load_inference_folder
-from stag_plugin.megatron_compat import free_port
+from stag_plugin.convert.inference_folder import load_inference_folder
+from stag_plugin.training import checkpointing, evaluate, runtime
 
-from convert_testing import (VOCAB, assert_convert_error, convert_ok, edit_index,
-                             iteration_folder, plain_tensors, prepare_flags, random_batch,
-                             truncate_within)
+from convert_testing import (
+    VOCAB,
+    assert_convert_error,
+    convert_ok,
+    edit_index,
+    iteration_folder,
+    plain_tensors,
+    prepare_flags,
+    random_batch,
+    truncate_within,
+)
 from distributed import run_command
 from stag_testing import fresh_seed, snapshot
 
@@ -55,7 +64,7 @@ def torchrun(nprocs: int, module_args: list) -> str:
 def tp2pp2(tmp_path_factory, flags) -> Path:
     """The shared source: 3 training steps at TP2 x PP2, saved (read, never written, by tests)."""
     save = tmp_path_factory.mktemp("tp2pp2") / "run"
-    torchrun(4, ["stag_plugin.train", *flags, "--train-iters", ITERS,
+    torchrun(4, ["stag_plugin", "train", *flags, "--train-iters", ITERS,
                  "--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2,
                  "--save", save])
     assert checkpointing.latest_iteration(save) == ITERS
@@ -146,10 +155,10 @@ def test_reshard_any_layout_to_one_process_and_back_to_pp2(tmp_path, flags, tp2p
         for root in (tp2pp2, pp2)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     resume = [*flags, "--train-iters", ITERS + 1, "--lr-decay-iters", ITERS]
-    torchrun(2, ["stag_plugin.train", *resume, "--pipeline-model-parallel-size", 2,
+    torchrun(2, ["stag_plugin", "train", *resume, "--pipeline-model-parallel-size", 2,
                  "--load", pp2, "--save", tmp_path / "pp2-resumed"])
     one_process = resume + ["--load", tp1, "--save", tmp_path / "resumed"]
-    assert train.main([str(a) for a in one_process]) == 0
+    assert cli.main(["train", *map(str, one_process)]) == 0
     step = [step_loss(tmp_path / name, ITERS + 1) for name in ("pp2-resumed", "resumed")]
     assert step[0] == pytest.approx(step[1], abs=1e-5)
 
@@ -290,7 +299,7 @@ def test_reshard_that_does_not_verify_is_not_published(capsys, monkeypatch, tmp_
     def load_then_corrupt(holder, plan, options):
         real_load(holder, plan, options)
         with torch.no_grad():
-            train.unwrap(holder.model[0]).null_memory.add_(1.0)
+            runtime.unwrap(holder.model[0]).null_memory.add_(1.0)
 
     monkeypatch.setattr(reshard, "load_source", load_then_corrupt)
     assert_convert_error(capsys, ["reshard", "--load", tp2pp2, "--out", tmp_path / "out"],

@@ -13,16 +13,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from stag_plugin import checkpointing, evaluate, generate, train
-from stag_plugin.convert import from_gpt, gpt_source
-from stag_plugin.megatron_compat import initialize_single_process
-
-from convert_testing import (VOCAB, SEQ, assert_convert_error, convert_ok, megatron_lm_args,
-                             plain_tensors, prepare_flags, random_batch, save_megatron_lm,
-                             tokenizer_of)
-from stag_testing import fresh_seed, perturb_parameters, snapshot, tiny_config
 from test_gpt_parity import megatron_gpt
+
+from stag_plugin import cli, generate
+from stag_plugin.compat.megatron import initialize_single_process
+from stag_plugin.convert import from_gpt, gpt_source
+from stag_plugin.training import checkpointing, evaluate
+
+from convert_testing import (
+    SEQ,
+    VOCAB,
+    assert_convert_error,
+    convert_ok,
+    megatron_lm_args,
+    plain_tensors,
+    prepare_flags,
+    random_batch,
+    save_megatron_lm,
+    tokenizer_of,
+)
+from stag_testing import fresh_seed, perturb_parameters, snapshot, tiny_config
 
 STAG_LAYERS, MEGATRON_LAYERS = 2, 4
 VARIANTS = [("separate", 2), ("shared", 2), ("separate", 3), ("shared", 3)]
@@ -44,7 +54,7 @@ def stag_source(tmp_path_factory, flags, batch) -> dict:
     save = tmp_path_factory.mktemp("stag-gpt") / "run"
     argv = flags + ["--num-layers", STAG_LAYERS, "--stag-num-sections", 1, "--train-iters", 2,
                     "--save", save]
-    assert train.main([str(a) for a in argv]) == 0
+    assert cli.main(["train", *map(str, argv)]) == 0
     return {"load": save, "extra": [], "logits": logits_of(save, batch), "layers": STAG_LAYERS}
 
 
@@ -123,7 +133,7 @@ def test_duplicate_is_the_gpt_for_stag_eval_and_fine_tunes(tmp_path, flags, stag
     tuned = tmp_path / "tuned"
     argv = flags + ["--config", out / "architecture.yaml", "--load", out, "--finetune",
                     "--train-iters", 2, "--save", tuned]
-    assert train.main([str(a) for a in argv]) == 0
+    assert cli.main(["train", *map(str, argv)]) == 0
     records = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "lr" in r] == [1, 2]
     assert checkpointing.read_run(tuned)[1]["architecture"] == checkpointing.read_run(out)[1][
@@ -137,7 +147,7 @@ def test_duplicate_rules_whatever_the_fresh_init(sharing):
     the null memory are zeroed by the recipe; the rest of the cross-attention keeps the init;
     every other tensor is the GPT's layer of the same index, or its final norm."""
     from stag_plugin.convert import recipes
-    from stag_plugin.reference import ReferenceConfig, StagFormer
+    from stag_plugin.reference.model import ReferenceConfig, StagFormer
 
     def random_state(sections):
         cfg = ReferenceConfig(vocab_size=16, max_sequence_length=8, num_layers=2 * sections,

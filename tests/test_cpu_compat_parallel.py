@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from stag_plugin import megatron_compat as compat
-from stag_plugin.attention import SDPAttention
-from stag_plugin.cpu_compat import apply_cpu_compat, check_cpu_pipeline_options
+from stag_plugin.compat import megatron as compat
+from stag_plugin.compat.cpu import apply_cpu_compat, check_cpu_pipeline_options
+from stag_plugin.core.attention import SDPAttention
 
 VOCAB, SEQ, MICRO, MICRO_BATCHES, STEPS = 128, 16, 2, 4, 3
 LOSS_ATOL = 1e-5  # fp32, same weights: only the summation order differs
@@ -93,8 +93,11 @@ def train(init_state: dict, distributed_optimizer: bool, dp_rank: int = 0, dp_si
     """STEPS optimizer steps of the current parallel layout; returns losses, grad norms, the
     first step's gradients and the final parameters, keyed by full-model names."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (DistributedDataParallel,
-                                           DistributedDataParallelConfig, finalize_model_grads)
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -157,7 +160,7 @@ def layouts_worker(rank: int, state_path: str, out_dir: str) -> None:
 
 
 def _entry(rank: int, port: int, state_path: str, out_dir: str) -> None:
-    from stag_plugin.cpu_compat import quiet_known_warnings
+    from stag_plugin.compat.cpu import quiet_known_warnings
 
     quiet_known_warnings()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -18,9 +18,8 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from stag_plugin.data import indexed as indexed_mod
-from stag_plugin.data import tokenizer as tokenizer_mod
-from stag_plugin.data import (
+from stag_plugin.errors import StagError
+from stag_plugin.training.data import (
     DataError,
     Document,
     StagTokenizer,
@@ -31,6 +30,9 @@ from stag_plugin.data import (
     split_documents,
     train_tokenizer,
 )
+from stag_plugin.training.data import indexed as indexed_mod
+from stag_plugin.training.data import tokenizer as tokenizer_mod
+
 from stag_testing import snapshot
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -105,7 +107,7 @@ def mini_prepared(tmp_path_factory, mini_dir):
 def _expected_stdlib_ids() -> set:
     """Independent walk of the stdlib: non-empty UTF-8 .py files outside excluded folders."""
     found = set()
-    for dirpath, dirnames, filenames in os.walk(STDLIB):
+    for dirpath, _, filenames in os.walk(STDLIB):
         parts = Path(dirpath).relative_to(STDLIB).parts
         if EXCLUDED.intersection(parts):
             continue
@@ -162,7 +164,7 @@ def test_split_follows_the_hash_rule_and_is_disjoint_and_covering(stdlib_corpus,
 
 def test_split_is_the_same_in_a_fresh_process(stdlib_splits):
     code = (
-        "import json; from stag_plugin.data.corpus import load_corpus, split_documents\n"
+        "import json; from stag_plugin.training.data.corpus import load_corpus, split_documents\n"
         "s = split_documents(load_corpus().documents)\n"
         "print(json.dumps({k: [d.doc_id for d in v] for k, v in s.items()}))"
     )
@@ -462,7 +464,8 @@ def test_bad_inputs_raise_and_leave_the_folder_untouched(case, tmp_path, mini_di
     with pytest.raises(DataError, match=message):
         prepare_data(paths, mini_prepared.output_dir, progress=False, **kwargs)
     assert snapshot(mini_prepared.output_dir) == before
-    assert isinstance(DataError("x"), ValueError)
+    assert isinstance(DataError("x", "y"), StagError)
+    assert isinstance(DataError("x", "y"), ValueError)
 
 
 def test_mini_prepared_folder_is_sane(mini_prepared, mini_dir):

@@ -6,14 +6,15 @@ import math
 
 import pytest
 
-from stag_plugin import demo, evaluate
+from stag_plugin import cli
+from stag_plugin.training import demo
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     cache = tmp_path_factory.mktemp("data")
-    code = demo.main(["--size", "small", "--out", str(out), "--data-cache-dir", str(cache),
+    code = cli.main(["demo", "--size", "small", "--out", str(out), "--data-cache-dir", str(cache),
                       "--no-progress", "--sample-tokens", "8"])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
@@ -66,7 +67,7 @@ def test_every_model_sees_the_same_data(small_demo):
 def test_demo_checkpoints_evaluate_to_the_reported_loss(small_demo, capsys):
     _, results = small_demo
     model = results["models"][2]  # the separate-weights StagFormer
-    code = evaluate.main(["--load", model["checkpoint"], "--eval-iters",
+    code = cli.main(["eval", "--load", model["checkpoint"], "--eval-iters",
                           str(demo.SIZES["small"]["eval_iters"]), "--micro-batch-size",
                           str(demo.SIZES["small"]["micro_batch_size"])])
     assert code == 0

@@ -4,13 +4,13 @@ import dataclasses
 
 import pytest
 import torch
-
-from stag_plugin import megatron_compat as compat
-from stag_plugin.attention import SDPAttention
-from stag_testing import MAX_LEN, VOCAB, build_model, fresh_seed, random_tokens, tiny_config
-
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+from stag_plugin.compat import megatron as compat
+from stag_plugin.core.attention import SDPAttention
+
+from stag_testing import MAX_LEN, VOCAB, build_model, fresh_seed, random_tokens, tiny_config
 
 
 def megatron_gpt(config, tie: bool, vocab: int = VOCAB, max_len: int = MAX_LEN) -> GPTModel:

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stag_plugin.hf import AUTO_MAP, REMOTE_CODE_FILES
-from stag_plugin.inference_folder import load_inference_folder, save_inference_folder
-from stag_plugin.reference import ReferenceConfig, StagFormer
+from stag_plugin.convert.hf import AUTO_MAP, REMOTE_CODE_FILES
+from stag_plugin.convert.inference_folder import load_inference_folder, save_inference_folder
+from stag_plugin.reference.model import ReferenceConfig, StagFormer
 
 # transformers copies remote code into HF_MODULES_CACHE, read once at its import: a private one.
 _MODULES_CACHE = tempfile.mkdtemp(prefix="stag-hf-modules-")
@@ -126,8 +126,9 @@ def test_saving_a_folder_needs_no_transformers(tmp_path):
         import sys
         sys.modules["transformers"] = None  # any import of transformers now fails
         import torch
-        from stag_plugin.inference_folder import load_inference_folder, save_inference_folder
-        from stag_plugin.reference import ReferenceConfig, StagFormer
+        from stag_plugin.convert.inference_folder import (load_inference_folder,
+                                                          save_inference_folder)
+        from stag_plugin.reference.model import ReferenceConfig, StagFormer
         model = StagFormer(ReferenceConfig(**{BASE!r}))
         save_inference_folder({str(tmp_path / 'f')!r}, model.cfg, model.state_dict())
         print(type(load_inference_folder({str(tmp_path / 'f')!r}).model).__name__)
@@ -270,7 +271,7 @@ def test_learned_positions_refuse_longer_sequences(tmp_path):
 
 @needs_transformers
 def test_fresh_model_matches_reference_init_and_names():
-    from stag_plugin.hf import StagFormerConfig, StagFormerForCausalLM
+    from stag_plugin.convert.hf import StagFormerConfig, StagFormerForCausalLM
 
     cfg = ReferenceConfig(**{**BASE, **VARIANTS["p3_window1_learned"]})
     model = StagFormerForCausalLM(StagFormerConfig(**vars(cfg)))
@@ -364,7 +365,7 @@ def test_loads_where_stag_plugin_is_not_installed(tmp_path):
 
 @needs_transformers
 def test_register_loads_without_trust_remote_code(tmp_path):
-    """stag_plugin.hf.register(): the plugin's classes, no remote code (own process, so the
+    """stag_plugin.convert.hf.register(): the plugin's classes, no remote code (own process, so the
     registration does not leak into the other tests)."""
     seed = fresh_seed()
     reference = random_reference(seed, **VARIANTS["gqa_rmsnorm_swiglu_nobias"])
@@ -372,11 +373,11 @@ def test_register_loads_without_trust_remote_code(tmp_path):
     expected = expected_outputs(tmp_path, reference, seed)
     code = """
     import sys
-    import stag_plugin.hf
-    stag_plugin.hf.register()
+    import stag_plugin.convert.hf
+    stag_plugin.convert.hf.register()
     LOAD = {}
 """ + CHECK_EXPECTED
     result = run_python(code, tmp_path, str(folder), str(expected))
     assert result.returncode == 0, f"seed={seed}\n{result.stdout}\n{result.stderr}"
-    assert ("loaded stag_plugin.hf.configuration_stagformer "
-            "stag_plugin.hf.modeling_stagformer") in result.stdout, result.stdout
+    assert ("loaded stag_plugin.convert.hf.configuration_stagformer "
+            "stag_plugin.convert.hf.modeling_stagformer") in result.stdout, result.stdout

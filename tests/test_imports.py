@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from stag_plugin import megatron_compat
+from stag_plugin.compat import megatron as megatron_compat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def test_reference_imports_without_megatron():
         import sys
         sys.modules["megatron"] = None  # any import of megatron now fails
         import stag_plugin
-        from stag_plugin.reference import StagFormer, ReferenceConfig
+        from stag_plugin.reference.model import StagFormer, ReferenceConfig
         import torch
         cfg = ReferenceConfig(vocab_size=32, max_sequence_length=16, num_layers=2, hidden_size=16,
                               num_attention_heads=2, num_query_groups=2, ffn_hidden_size=32,
@@ -43,10 +43,11 @@ def test_inference_folder_decodes_without_megatron(tmp_path):
         import sys
         sys.modules["megatron"] = None  # any import of megatron now fails
         import torch
-        from stag_plugin.inference_folder import load_inference_folder, save_inference_folder
-        from stag_plugin.reference import ReferenceConfig, StagFormer
-        from stag_plugin.reference_decode import ReferenceDecoder
-        from stag_plugin.sampling import Sampler
+        from stag_plugin.convert.inference_folder import (load_inference_folder,
+                                                          save_inference_folder)
+        from stag_plugin.reference.model import ReferenceConfig, StagFormer
+        from stag_plugin.reference.decode import ReferenceDecoder
+        from stag_plugin.reference.sampling import Sampler
         cfg = ReferenceConfig(vocab_size=32, max_sequence_length=16, num_layers=4, hidden_size=16,
                               num_attention_heads=2, num_query_groups=1, ffn_hidden_size=32,
                               head_dim=8, cross_attention_window=2)
@@ -73,7 +74,7 @@ def test_broken_transformer_engine_gets_a_clear_message(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text(
         'raise RuntimeError("libcudnn.so.9: cannot open shared object file")\n')
-    result = run_python("import stag_plugin.model", extra_path=str(tmp_path))
+    result = run_python("import stag_plugin.core.model", extra_path=str(tmp_path))
     assert result.returncode != 0
     final_error = result.stderr[result.stderr.rindex("\nImportError: "):]  # what the user reads
     assert final_error.startswith("\nImportError: Megatron-Core could not be imported because "
@@ -106,6 +107,7 @@ def test_unknown_optional_dependency_is_a_programming_error():
 
 def test_cpu_rotary_embedding_matches_formula():
     import torch
+
     from stag_testing import tiny_config
 
     rope = megatron_compat.rotary_embedding(tiny_config())
@@ -117,7 +119,7 @@ def test_cpu_rotary_embedding_matches_formula():
 
 
 def test_backend_choice():
-    from stag_plugin.specs import get_backend
+    from stag_plugin.core.specs import get_backend
 
     with pytest.raises(ValueError, match="unknown StagFormer backend 'triton'"):
         get_backend("triton")

@@ -1,4 +1,4 @@
-"""StagDecoder (stag_plugin.inference) against the teacher-forced forward of the same model:
+"""StagDecoder (stag_plugin.decode.engine) against the teacher-forced forward of the same model:
 prefill + one step per token must give the logits of `model(tokens, positions)` at every
 position (fp32, max abs difference < 1e-4) for every variant, mode and prompt length."""
 
@@ -9,10 +9,19 @@ import types
 import pytest
 import torch
 
-from stag_plugin.attention import cross_attention_mask
-from stag_plugin.inference import Sampler, StagDecoder
-from stag_testing import (build_model, decode_logits, fresh_seed, modes_for, random_tokens,
-                          tiny_config, variant_id)
+from stag_plugin.core.attention import cross_attention_mask
+from stag_plugin.decode.engine import Sampler, StagDecoder
+from stag_plugin.errors import StagError
+
+from stag_testing import (
+    build_model,
+    decode_logits,
+    fresh_seed,
+    modes_for,
+    random_tokens,
+    tiny_config,
+    variant_id,
+)
 
 LENGTH = 12  # tokens per test sequence
 PROMPTS = (1, 5)  # a single token, and longer than every window tested
@@ -156,33 +165,52 @@ def test_recurrent_mode_reads_its_own_outputs():
     assert torch.allclose(got[:, :2], sequential[:, :2], atol=1e-5)
 
 
-def test_clear_errors():
-    separate = build_model(tiny_config(num_sections=2))
-    for mode in ("batched", "recurrent"):
-        with pytest.raises(ValueError, match="weight_sharing='shared'.*mode='sequential'"):
-            StagDecoder(separate, 2, 16, mode=mode)
-    with pytest.raises(ValueError, match="not one of"):
-        StagDecoder(separate, 2, 16, mode="parallel")
-    plain = build_model(tiny_config(num_sections=1, weight_sharing="shared"))
-    with pytest.raises(ValueError, match="num_sections >= 2"):
-        StagDecoder(plain, 2, 16, mode="recurrent")
-    fake = types.SimpleNamespace(config=copy.copy(separate.config))
+def _pipelined(model):
+    fake = types.SimpleNamespace(config=copy.copy(model.config))
     fake.config.pipeline_model_parallel_size = 2
-    with pytest.raises(ValueError, match="every section on this process.*Fix: use mode='pipeline'"):
-        StagDecoder(fake, 2, 16)
-    decoder = StagDecoder(separate, 2, 8)
-    with pytest.raises(ValueError, match="Fix: call prefill\\(prompt\\) before step"):
-        decoder.step(torch.zeros(2, dtype=torch.long))
-    tokens, _ = random_tokens(3, 9, 0)
-    with pytest.raises(ValueError, match="max_sequence_length=8. Fix:.*larger"):
-        decoder.prefill(tokens[:2])
-    with pytest.raises(ValueError, match="max_batch_size=2. Fix:.*max_batch_size >= 3"):
-        decoder.prefill(tokens[:, :4])
-    with pytest.raises(ValueError, match="prompt \\+ max_new_tokens - 1 needs 9"):
-        decoder.generate(tokens[:2, :4], 6, Sampler())
-    assert len(decoder.generate(tokens[:2, :4], 5, Sampler())[0]) == 5  # 8 positions: fits
-    decoder.prefill(tokens[:2, :8])
-    with pytest.raises(ValueError, match="needs 9 positions"):
-        decoder.step(tokens[:2, 0])
-    with pytest.raises(ValueError, match="one token per sequence"):
-        decoder.step(tokens[:1, 0])
+    return fake
+
+
+def _prefilled(decoder, length: int):
+    decoder.prefill(random_tokens(2, length, 0)[0])
+    return decoder
+
+
+SEPARATE, SHARED_P1 = dict(num_sections=2), dict(num_sections=1, weight_sharing="shared")
+# (model config, what to do with it (m: the model) -> raises, the message it must give)
+ERRORS = [
+    (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="batched"),
+     "weight_sharing='shared'.*Fix: use mode='sequential'"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="recurrent"),
+     "weight_sharing='shared'.*Fix: use mode='sequential'"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="parallel"), "not one of"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="pipeline"), "Fix: build a PipelineDecoder"),
+    (SHARED_P1, lambda m: StagDecoder(m, 2, 16, mode="recurrent"), "num_sections >= 2"),
+    (SEPARATE, lambda m: StagDecoder(_pipelined(m), 2, 16),
+     "every section on this process.*Fix: decode it with .*PipelineDecoder"),
+    (SEPARATE, lambda m: StagDecoder(m, 0, 16), "must both be >= 1"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 8).step(torch.zeros(2, dtype=torch.long)),
+     "Fix: call prefill\\(prompt\\) before step"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 8).prefill(random_tokens(2, 9, 0)[0]),
+     "max_sequence_length=8. Fix:.*larger"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 8).prefill(random_tokens(3, 4, 0)[0]),
+     "max_batch_size=2. Fix:.*max_batch_size >= 3"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 8).generate(random_tokens(2, 4, 0)[0], 6, Sampler()),
+     "prompt \\+ max_new_tokens - 1 needs 9"),
+    (SEPARATE, lambda m: _prefilled(StagDecoder(m, 2, 8), 8).step(torch.zeros(2, dtype=torch.long)),
+     "needs 9 positions"),
+    (SEPARATE, lambda m: _prefilled(StagDecoder(m, 2, 8), 4).step(torch.zeros(1, dtype=torch.long)),
+     "one token per sequence"),
+]
+
+
+@pytest.mark.parametrize("config, action, message", ERRORS, ids=[e[2][:40] for e in ERRORS])
+def test_clear_errors(config, action, message):
+    with pytest.raises(StagError, match=message):
+        action(build_model(tiny_config(**config)))
+
+
+def test_longest_generation_that_fits():
+    decoder = StagDecoder(build_model(tiny_config(num_sections=2)), 2, 8)
+    tokens, _ = random_tokens(2, 4, 0)
+    assert [len(seq) for seq in decoder.generate(tokens, 5, Sampler())] == [5, 5]  # 8 positions

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stag_plugin.inference import Sampler, StagDecoder
-from stag_plugin.megatron_compat import free_port
-from stag_testing import build_model, fresh_seed, random_tokens, tiny_config
+from stag_plugin.compat.megatron import free_port
+from stag_plugin.decode.engine import Sampler, StagDecoder
+from stag_plugin.decode.pipeline import PipelineDecoder
 
 from distributed import run_command
+from stag_testing import build_model, fresh_seed, random_tokens, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "decode_worker.py"
@@ -91,7 +92,9 @@ def _stub(**overrides):
 
 def test_pipeline_mode_refuses_a_single_stage_model():
     model = build_model(tiny_config(num_sections=2))
-    with pytest.raises(ValueError, match="single pipeline stage.*mode='sequential'"):
+    with pytest.raises(ValueError, match="single pipeline stage.*use StagDecoder"):
+        PipelineDecoder(model, max_batch_size=1, max_sequence_length=8)
+    with pytest.raises(ValueError, match="Fix: build a PipelineDecoder"):
         StagDecoder(model, max_batch_size=1, max_sequence_length=8, mode="pipeline")
 
 
@@ -107,11 +110,10 @@ def test_pipeline_mode_refuses_a_single_stage_model():
 ], ids=["stage-splits-sections", "stage-holds-two-sections", "tensor-parallel", "learned"])
 def test_pipeline_mode_refuses_other_layouts(overrides, message):
     with pytest.raises(ValueError, match=message):
-        StagDecoder(_stub(**overrides), max_batch_size=1, max_sequence_length=8,
-                    mode="pipeline")
+        PipelineDecoder(_stub(**overrides), max_batch_size=1, max_sequence_length=8)
 
 
 def test_other_modes_still_refuse_a_pipelined_model():
-    with pytest.raises(ValueError, match="every section on this process.*mode='pipeline'"):
+    with pytest.raises(ValueError, match="every section on this process.*PipelineDecoder"):
         StagDecoder(_stub(num_sections=2, pipeline_model_parallel_size=2), max_batch_size=1,
                     max_sequence_length=8, mode="sequential")

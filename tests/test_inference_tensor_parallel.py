@@ -1,17 +1,18 @@
 """StagDecoder under tensor parallelism: two real gloo processes (tests/distributed.py) decode
 the TP = 2 shards of a one-process model's weights. Every rank's logits (gathered to the full
-vocabulary) equal one-process decoding of the same weights at the prefill and every step (fp32;
-max abs diff below 2e-5 of the largest logit: TP changes the order of the fp32 sums, and the
-weights are perturbed strongly, so logits reach ~20); greedy generation gives the same tokens; a random choice (each rank's
-global RNG seeded differently) is the same on both ranks because it is made on the first rank
-and broadcast."""
+vocabulary) equal one-process decoding of the same weights at the prefill and every step (fp32; max
+abs diff below 2e-5 of the largest logit: TP changes the order of the fp32 sums, and the weights are
+perturbed strongly, so logits reach ~20); greedy generation gives the same tokens; a random choice
+(each rank's global RNG seeded differently) is the same on both ranks because it is made on the
+first rank and broadcast."""
 
 import torch
+from test_tensor_parallel import TP, partition_dim, shard
+
+from stag_plugin.decode.engine import Sampler, StagDecoder
 
 from distributed import run_workers
-from stag_plugin.inference import Sampler, StagDecoder
 from stag_testing import build_model, fresh_seed, random_tokens, tiny_config, variant_id
-from test_tensor_parallel import TP, partition_dim, shard
 
 CASES = [  # (config overrides, modes, prompt length)
     (dict(num_sections=1), ("sequential",), 5),
@@ -33,6 +34,7 @@ def decode(decoder, tokens, prompt):
 
 def tp_decode_worker(rank, cases_path, out_dir):
     from stag_plugin import StagGPTModel
+
     from stag_testing import MAX_LEN, VOCAB
 
     results = []
@@ -49,7 +51,7 @@ def tp_decode_worker(rank, cases_path, out_dir):
             torch.manual_seed(1000 + rank)  # ranks disagree unless the choice is shared
             sampled = decoder.generate(case["tokens"][:, :3], 6, Sampler(temperature=1.0))
             results.append(dict(logits=logits, greedy=greedy, sampled=sampled,
-                                heads=decoder.caches.self_kv[0][0].shape[1]))
+                                heads=decoder.caches.groups))
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 

@@ -1,10 +1,11 @@
 """The launch scripts in examples/launch/: shell hygiene, and what they would run.
 
 Each script runs with DRY_RUN=1 (Slurm's variables faked, `scontrol` a stub), and the printed
-command is parsed by the real parsers: torchrun's own (`torch.distributed.run.get_args_parser`)
-for the launcher, and `stag train`'s (`stag_plugin.train.build_parser`) for the trainer. So every
-flag a script passes must exist, and the parsed values must give the paper's shapes. The presets in
-configs/ are the independent reference for each MODEL's values. No process is launched here.
+command is parsed by the real parsers: torchrun's own (`torch.distributed.run.get_args_parser`) for
+the launcher, and `stag train`'s (`stag_plugin.training.train.build_parser`) for the trainer. So
+every flag a script passes must exist, and the parsed values must give the paper's shapes. The
+presets in configs/ are the independent reference for each MODEL's values. No process is launched
+here.
 """
 
 import os
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from torch.distributed.run import get_args_parser as torchrun_parser
 
-from stag_plugin import arguments, train
+from stag_plugin.training import arguments, train
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "examples" / "launch"
@@ -80,7 +81,11 @@ def launched(script: str, argv: list):
         argv = argv[1 + len(SRUN_ARGS):]
     assert argv[0] == "torchrun"
     launcher = torchrun_parser().parse_args(argv[1:])
-    return launcher, launcher.training_script_args
+    flags = launcher.training_script_args
+    if launcher.module:  # -m stag_plugin train <flags>
+        assert flags[0] == "train", flags
+        flags = flags[1:]
+    return launcher, flags
 
 
 def trainer_args(argv: list):
@@ -169,13 +174,13 @@ def test_dry_run_gives_the_paper_shapes(script, model, fake_bin):
 
     # Same values as the preset, except the micro-batch (tiny: 4, so that 2 processes divide 8).
     reference = trainer_args(["--config", str(REPO / "configs" / preset)])
-    for key, value in yaml.safe_load((REPO / "configs" / preset).read_text()).items():
+    for key in yaml.safe_load((REPO / "configs" / preset).read_text()):
         if key != "micro_batch_size":
             assert getattr(args, key) == getattr(reference, key), key
     for key in arguments.ARCHITECTURE_FLAGS:
         assert getattr(args, key) == getattr(reference, key), key
 
-    assert launcher.module and launcher.training_script == "stag_plugin.train"
+    assert launcher.module and launcher.training_script == "stag_plugin"
     assert launcher.nproc_per_node == nproc
     if script == "train_single_node.sh":
         assert launcher.standalone

@@ -1,9 +1,14 @@
-"""The pipeline layout (stag_plugin.layout) against layouts written out by hand."""
+"""The pipeline layout (stag_plugin.parallel.layout) against layouts written out by hand."""
 
 import pytest
 
-from stag_plugin.layout import (Segment, check_pipeline_size, pipeline_stages, replica_stages,
-                                shared_layer_stages)
+from stag_plugin.parallel.layout import (
+    Segment,
+    check_pipeline_size,
+    pipeline_stages,
+    replica_stages,
+    shared_layer_stages,
+)
 
 
 def seg(section, first, count, per_section):

@@ -1,4 +1,4 @@
-"""Megatron-LM integration (stag_plugin.megatron_lm, examples/megatron_lm, patches/).
+"""Megatron-LM integration (stag_plugin.integrations.megatron_lm, examples/megatron_lm, patches/).
 
 Tests marked `checkout` need a Megatron-LM checkout: set MEGATRON_LM_PATH to one at tag
 core_v0.16.1 (plus `pip install six regex einops pyyaml pydantic triton`). The others run always.
@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stag_plugin import StagFormerConfig, StagGPTModel, megatron_lm
-from stag_plugin.arguments import STAG_FLAGS, add_stag_args
-from stag_plugin.megatron_compat import megatron_lm_pretrain_api
+from stag_plugin import StagFormerConfig, StagGPTModel
+from stag_plugin.compat.megatron import megatron_lm_pretrain_api
+from stag_plugin.integrations import megatron_lm
+from stag_plugin.training.arguments import STAG_FLAGS, add_stag_args
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "examples" / "megatron_lm" / "pretrain_stag.py"
@@ -44,7 +45,7 @@ COMMAND_LINE = (
 # pretrain() signatures of Megatron-LM releases (parameters only; bodies do not matter).
 def pretrain_0_16(train_valid_test_dataset_provider, model_provider, model_type,
                   forward_step_func, process_non_loss_data_func=None, extra_args_provider=None,
-                  args_defaults={}, get_embedding_ranks=None, get_position_embedding_ranks=None,
+                  args_defaults={}, get_embedding_ranks=None,  # noqa: B006 (Megatron-LM's) get_position_embedding_ranks=None,
                   non_loss_data_func=None, store=None, inprocess_call_wrapper=None):
     return dict(api="positional", **{k: v for k, v in locals().items()})
 
@@ -201,6 +202,25 @@ def test_megatron_lm_parses_the_stag_flags(megatron_args):
     assert (config.num_layers, config.hidden_size, config.layers_per_section) == (4, 64, 2)
     assert config.position_embedding_type == "rope"
     assert not hasattr(args, "num_sections")  # Megatron-LM's namespace is left alone
+
+
+def test_model_provider_installs_the_replica_gradient_sum(megatron_args):
+    """Megatron-LM's train() sets config.finalize_model_grads_func to its module's
+    finalize_model_grads: building the model wraps that function once with the pipeline-replica
+    sum (stag_plugin.parallel.pipeline), however often the provider runs."""
+    from megatron.training import training
+
+    from stag_plugin.parallel import pipeline
+
+    original = training.finalize_model_grads
+    try:
+        megatron_lm.model_provider()
+        megatron_lm.model_provider()
+        wrapped = training.finalize_model_grads
+        assert getattr(wrapped, "_stag_replica_sync", False)
+        assert wrapped.func is pipeline.finalize_model_grads and wrapped.args == (original,)
+    finally:
+        training.finalize_model_grads = original
 
 
 def test_megatron_lm_arg_errors_name_the_flag(megatron_args):

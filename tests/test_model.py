@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from stag_plugin import StagGPTModel, get_stag_layer_spec
-from stag_testing import (VOCAB, build_model, fresh_seed, parameter_count, random_tokens,
-                          tiny_config, variant_id)
+
+from stag_testing import (
+    VOCAB,
+    build_model,
+    fresh_seed,
+    parameter_count,
+    random_tokens,
+    tiny_config,
+    variant_id,
+)
 
 VARIANTS = [
     dict(num_sections=1),
@@ -123,15 +131,18 @@ def test_shared_weights_share_parameters_but_not_section_objects():
     shared2 = build_model(tiny_config(num_sections=2, weight_sharing="shared"))
     shared3 = build_model(tiny_config(num_sections=3, weight_sharing="shared"))
     # Shared = separate minus section 1's own stack; more sections add no parameters.
-    assert parameter_count(shared2) == parameter_count(separate) - parameter_count(separate.sections[0])
+    expected = parameter_count(separate) - parameter_count(separate.sections[0])
+    assert parameter_count(shared2) == expected
     assert parameter_count(shared3) == parameter_count(shared2)
     s = shared3.sections
     assert len({id(section) for section in s}) == 3
     for k in (1, 2):
-        assert s[k].layers[0].self_attention.linear_qkv.weight is s[0].layers[0].self_attention.linear_qkv.weight
+        qkv = s[k].layers[0].self_attention.linear_qkv
+        assert qkv.weight is s[0].layers[0].self_attention.linear_qkv.weight
         assert s[k].layers[1].mlp.linear_fc1.weight is s[0].layers[1].mlp.linear_fc1.weight
         assert s[k].final_layernorm.weight is s[0].final_layernorm.weight
-    assert s[2].layers[0].cross_attention.linear_kv.weight is s[1].layers[0].cross_attention.linear_kv.weight
+    kv = s[2].layers[0].cross_attention.linear_kv
+    assert kv.weight is s[1].layers[0].cross_attention.linear_kv.weight
     assert not hasattr(s[0].layers[0].cross_attention, "linear_kv")  # section 1 has no cross-attn
     # Separate weights really are separate.
     assert separate.sections[1].layers[0].self_attention.linear_qkv.weight is not \
@@ -171,7 +182,8 @@ def test_sharded_state_dict_covers_every_parameter_once():
         cfg = tiny_config(**variant)
         model = build_model(cfg, share_embeddings_and_output_weights=False)
         sharded = model.sharded_state_dict()
-        tensors = [v.data for v in sharded.values() if isinstance(getattr(v, "data", None), torch.Tensor)]
+        tensors = [v.data for v in sharded.values()
+                   if isinstance(getattr(v, "data", None), torch.Tensor)]
         assert len({id(t) for t in tensors}) == len(tensors), variant
         assert {id(t) for t in tensors} == {id(p) for p in model.parameters()}, variant
         if cfg.num_sections > 1:
@@ -212,7 +224,8 @@ def test_attention_mask_restricts_cross_attention_too():
     model = build_model(tiny_config(num_sections=2, cross_attention_rope=False))
     tokens, positions = random_tokens(1, 8, fresh_seed())
     doc = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    mask = ~((doc[:, None] == doc[None, :]) & (torch.arange(8)[None, :] <= torch.arange(8)[:, None]))
+    causal = torch.arange(8)[None, :] <= torch.arange(8)[:, None]
+    mask = ~((doc[:, None] == doc[None, :]) & causal)
     mask = mask[None, None]  # [1, 1, s, s], True = masked
     full = model(tokens, positions, attention_mask=mask)
     second = model(tokens[:, 4:], positions[:, :4])

@@ -1,10 +1,10 @@
 """Scale-out on real processes (gloo on loopback): every layout reproduces one process.
 
-Each parallel run starts from the weights the one-process reference run saved at iteration 0
-(loaded with --finetune, i.e. resharded into the run's layout), trains 3 Adam steps of 8
-sequences through `stag_plugin.train` (Megatron's 1F1B schedule, DDP, optimizer) and must log
-the reference's losses within 1e-5 (fp32; the differences seen are ~1e-7). The TP 2 layout is
-tested in test_train.py (it also reloads at TP 1).
+Each parallel run starts from the weights the one-process reference run saved at iteration 0 (loaded
+with --finetune, i.e. resharded into the run's layout), trains 3 Adam steps of 8 sequences through
+`stag_plugin.training.train` (Megatron's 1F1B schedule, DDP, optimizer) and must log the reference's
+losses within 1e-5 (fp32; the differences seen are ~1e-7). The TP 2 layout is tested in
+test_train.py (it also reloads at TP 1).
 
     A  2 sections x 2 layers, separate weights, learned output combination, RoPE, tied head
        TP2 x PP2 with sequence parallelism (4 processes) -> its checkpoint loads at TP1 x PP1
@@ -29,9 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stag_plugin import checkpointing, evaluate, train
-from stag_plugin.data import prepare_data
-from stag_plugin.megatron_compat import free_port
+from stag_plugin import cli
+from stag_plugin.compat.megatron import free_port
+from stag_plugin.training import checkpointing, evaluate
+from stag_plugin.training.data import prepare_data
 
 from distributed import run_command
 from stag_testing import small_corpus
@@ -153,7 +154,7 @@ def test_rank_killed_during_save_ends_the_job_and_keeps_the_previous_checkpoint(
     the latest and load, and the half-written folder must not be mistaken for a checkpoint."""
     save = tmp_path / "run"
     port = free_port()
-    cmd = [sys.executable, "-m", "stag_plugin.train", *flags, *MODEL_A,
+    cmd = [sys.executable, "-m", "stag_plugin", "train", *flags, *MODEL_A,
            "--pipeline-model-parallel-size", "2", "--train-iters", "50", "--save", str(save),
            "--save-interval", "1", "--distributed-timeout-minutes", "0.5"]
     ranks = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -196,7 +197,7 @@ def test_rank_killed_during_save_ends_the_job_and_keeps_the_previous_checkpoint(
     (["--sequence-parallel"], "needs tensor parallelism"),
 ], ids=["world", "layer-boundary", "virtual", "sequence-parallel-without-tp"])
 def test_invalid_layouts_are_refused_with_the_fix(tmp_path, flags, capsys, extra, words):
-    code = train.main([*flags, "--save", str(tmp_path / "run"), *extra])
+    code = cli.main(["train", *flags, "--save", str(tmp_path / "run"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and words in err and "Fix:" in err, err
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""ReferenceDecoder (stag_plugin.reference_decode), the Megatron-free decoder of the reference
+"""ReferenceDecoder (stag_plugin.reference.decode), the Megatron-free decoder of the reference
 StagFormer, held to:
   (a) the reference model's teacher-forced forward (fp32, max abs diff < 1e-4; same greedy
       tokens) for every variant, mode and prompt length;
@@ -9,16 +9,26 @@ StagFormer, held to:
 and a bf16 smoke test. Random weights and tokens come from a fresh seed per test (printed on
 failure)."""
 
+import copy
 import itertools
 
 import pytest
 import torch
 
-from stag_plugin.reference import ReferenceConfig, StagFormer
-from stag_plugin.reference_decode import ReferenceDecoder
-from stag_plugin.sampling import Sampler
-from stag_testing import (decode_logits, fp32_tolerance, fresh_seed, modes_for,
-                          perturb_parameters, random_tokens, variant_id)
+from stag_plugin.errors import StagError
+from stag_plugin.reference.decode import ReferenceDecoder
+from stag_plugin.reference.model import ReferenceConfig, StagFormer
+from stag_plugin.reference.sampling import Sampler
+
+from stag_testing import (
+    decode_logits,
+    fp32_bound,
+    fresh_seed,
+    modes_for,
+    perturb_parameters,
+    random_tokens,
+    variant_id,
+)
 
 VOCAB, MAX_LEN = 96, 64
 LENGTH = 12  # tokens per test sequence
@@ -123,7 +133,7 @@ def recurrent_by_definition(model, tokens, prompt):
 
 
 def _angles(cfg, positions):
-    from stag_plugin.reference import rope_angles
+    from stag_plugin.reference.model import rope_angles
 
     return rope_angles(cfg, positions)
 
@@ -145,8 +155,9 @@ MEGATRON_CASES = [  # (config overrides, modes)
 @pytest.mark.parametrize("overrides, modes", MEGATRON_CASES,
                          ids=[variant_id(c[0]) for c in MEGATRON_CASES])
 def test_reference_decoder_equals_stag_decoder(overrides, modes):
-    from stag_plugin.inference import StagDecoder
-    from stag_plugin.name_map import megatron_to_reference
+    from stag_plugin.decode.engine import StagDecoder
+    from stag_plugin.reference.name_map import megatron_to_reference
+
     from stag_testing import build_model, tiny_config
 
     seed = fresh_seed()
@@ -154,19 +165,17 @@ def test_reference_decoder_equals_stag_decoder(overrides, modes):
     cfg = ReferenceConfig.from_megatron(megatron.config, VOCAB, MAX_LEN)
     reference = StagFormer(cfg).eval()
     reference.load_state_dict(megatron_to_reference(megatron.state_dict(), cfg))
+    exact = copy.deepcopy(reference).double()  # the same model in fp64: the rounding yardstick
     tokens, _ = random_tokens(2, LENGTH, seed)
-    bound = fp32_tolerance(reference, tokens)
     for mode in modes:
         ours = ReferenceDecoder(reference, 2, 16, mode=mode)
         theirs = StagDecoder(megatron, 2, 16, mode=mode)
         for prompt in PROMPTS:
-            steps = [(ours.prefill(tokens[:, :prompt]), theirs.prefill(tokens[:, :prompt]))]
-            steps += [(ours.step(tokens[:, t]), theirs.step(tokens[:, t]))
-                      for t in range(prompt, LENGTH)]
-            for n, (a, b) in enumerate(steps):
-                diff = (a - b).abs().max().item()
-                assert diff < bound, (f"seed {seed}, mode {mode}, prompt {prompt}, step {n}: "
-                                      f"{diff} (bound {bound})")
+            a, b = decode_logits(ours, tokens, prompt), decode_logits(theirs, tokens, prompt)
+            bound = fp32_bound(a, decode_logits(ReferenceDecoder(exact, 2, 16, mode=mode),
+                                                tokens, prompt))
+            diff = (a - b).abs().max().item()
+            assert diff < bound, f"seed {seed}, mode {mode}, prompt {prompt}: {diff} > {bound}"
         assert ours.generate(tokens[:, :4], 8) == theirs.generate(tokens[:, :4], 8, Sampler()), \
             f"seed {seed}, mode {mode}"
 
@@ -239,37 +248,47 @@ def test_bf16_decode_is_close_to_fp32():
 # ---------------------------------------------------------------------------- (d) errors
 
 
-def test_clear_errors():
-    separate = tiny_reference(0, num_sections=2)
-    for mode in ("batched", "recurrent"):
-        with pytest.raises(ValueError, match="weight_sharing='shared'.*Fix: use mode='sequential'"):
-            ReferenceDecoder(separate, 2, 16, mode=mode)
-    with pytest.raises(ValueError, match="not one of.*Fix"):
-        ReferenceDecoder(separate, 2, 16, mode="pipeline")
-    plain = tiny_reference(0, num_sections=1, weight_sharing="shared")
-    with pytest.raises(ValueError, match="num_sections >= 2.*Fix: use mode=.sequential."):
-        ReferenceDecoder(plain, 2, 16, mode="recurrent")
-    learned = tiny_reference(0, position_embedding_type="learned_absolute",
-                             cross_attention_rope=False)
-    with pytest.raises(ValueError, match="64 learned positions. Fix: use at most 64"):
-        ReferenceDecoder(learned, 1, 65)
+def _prefilled(decoder, length: int):
+    decoder.prefill(random_tokens(2, length, 0)[0])
+    return decoder
+
+
+SEPARATE = dict(num_sections=2)
+# (model overrides, what to do with it (m: the reference model) -> raises, the message)
+ERRORS = [
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, mode="batched"),
+     "weight_sharing='shared'.*Fix: use mode='sequential'"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, mode="recurrent"),
+     "weight_sharing='shared'.*Fix: use mode='sequential'"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, mode="pipeline"), "not one of.*Fix"),
+    (dict(num_sections=1, weight_sharing="shared"),
+     lambda m: ReferenceDecoder(m, 2, 16, mode="recurrent"),
+     "num_sections >= 2.*Fix: use mode=.sequential."),
+    (dict(position_embedding_type="learned_absolute", cross_attention_rope=False),
+     lambda m: ReferenceDecoder(m, 1, 65), "64 learned positions. Fix: use at most 64"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 0, 8), "max_batch_size=0.*Fix"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 8).step(torch.zeros(2, dtype=torch.long)),
+     "nothing was prefilled. Fix: call prefill"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 8).prefill(random_tokens(2, 9, 0)[0]),
+     "prompt needs 9 positions.*max_sequence_length=8. Fix"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 8).prefill(random_tokens(3, 4, 0)[0]),
+     "3 prompts.*max_batch_size=2. Fix"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 8).generate(random_tokens(2, 4, 0)[0], 6),
+     "max_new_tokens - 1 needs 9.*Fix"),
+    (SEPARATE, lambda m: _prefilled(ReferenceDecoder(m, 2, 8), 8).step(
+        torch.zeros(2, dtype=torch.long)), "needs 9 positions.*Fix"),
+    (SEPARATE, lambda m: _prefilled(ReferenceDecoder(m, 2, 8), 4).step(
+        torch.zeros(1, dtype=torch.long)), "one token per prefilled sequence.*Fix"),
+]
+
+
+@pytest.mark.parametrize("overrides, action, message", ERRORS,
+                         ids=[e[2][:40] for e in ERRORS])
+def test_clear_errors(overrides, action, message):
+    with pytest.raises(StagError, match=message):
+        action(tiny_reference(0, **overrides))
+
+
+def test_a_model_that_is_not_the_reference_is_refused():
     with pytest.raises(TypeError, match="Fix"):
         ReferenceDecoder(torch.nn.Linear(2, 2), 1, 8)
-    with pytest.raises(ValueError, match="max_batch_size=0.*Fix"):
-        ReferenceDecoder(separate, 0, 8)
-    decoder = ReferenceDecoder(separate, 2, 8)
-    with pytest.raises(ValueError, match="nothing was prefilled. Fix: call prefill"):
-        decoder.step(torch.zeros(2, dtype=torch.long))
-    tokens, _ = random_tokens(3, 9, 0)
-    with pytest.raises(ValueError, match="prompt needs 9 positions.*max_sequence_length=8. Fix"):
-        decoder.prefill(tokens[:2])
-    with pytest.raises(ValueError, match="3 prompts.*max_batch_size=2. Fix"):
-        decoder.prefill(tokens[:, :4])
-    with pytest.raises(ValueError, match="max_new_tokens - 1 needs 9.*Fix"):
-        decoder.generate(tokens[:2, :4], 6)
-    decoder.prefill(tokens[:2, :8])
-    with pytest.raises(ValueError, match="needs 9 positions.*Fix"):
-        decoder.step(tokens[:2, 0])
-    decoder.prefill(tokens[:2, :4])
-    with pytest.raises(ValueError, match="one token per prefilled sequence.*Fix"):
-        decoder.step(tokens[:1, 0])

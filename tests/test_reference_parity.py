@@ -7,10 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stag_plugin.name_map import megatron_to_reference, reference_to_megatron
-from stag_plugin.reference import ReferenceConfig, StagFormer
-from stag_testing import (MAX_LEN, VOCAB, build_model, fresh_seed, random_tokens, tiny_config,
-                          variant_id)
+from stag_plugin.reference.model import ReferenceConfig, StagFormer
+from stag_plugin.reference.name_map import megatron_to_reference, reference_to_megatron
+
+from stag_testing import (
+    MAX_LEN,
+    VOCAB,
+    build_model,
+    fresh_seed,
+    random_tokens,
+    tiny_config,
+    variant_id,
+)
 
 GRID = [
     dict(num_sections=p, weight_sharing=w, cross_attention_window=win, output_combination=c)
@@ -61,9 +69,9 @@ def test_untied_head_and_loss_match_reference():
     assert (loss - expected.view_as(loss)).abs().max().item() < 1e-5, f"seed {seed}"
 
 
-@pytest.mark.parametrize("variant", [dict(num_sections=2), dict(num_sections=3, weight_sharing="shared"),
-                                     dict(num_sections=2, gated_linear_unit=True, num_query_groups=2)],
-                         ids=variant_id)
+@pytest.mark.parametrize("variant", [
+    dict(num_sections=2), dict(num_sections=3, weight_sharing="shared"),
+    dict(num_sections=2, gated_linear_unit=True, num_query_groups=2)], ids=variant_id)
 def test_name_map_round_trip(variant):
     model = build_model(tiny_config(**variant))
     megatron = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}

@@ -1,12 +1,13 @@
-"""stag_plugin.sampling: the Sampler and the generate loop every decoder shares, on a scripted
-stand-in decoder (no model): what the loop feeds back, when it stops, and its hooks."""
+"""stag_plugin.reference.sampling: the Sampler and the generate loop every decoder shares, on a
+scripted stand-in decoder (no model): what the loop feeds back, when it stops, and its hooks."""
 
 import pytest
 import torch
 
-import stag_plugin.inference as inference
-from stag_plugin import sampling
-from stag_plugin.sampling import Sampler, generate
+import stag_plugin.decode.engine as inference
+from stag_plugin.reference import sampling
+from stag_plugin.reference.sampling import Sampler, generate
+
 from stag_testing import fresh_seed
 
 VOCAB = 16
@@ -108,3 +109,13 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
 
 def test_inference_reexports_the_shared_sampler():
     assert inference.Sampler is Sampler
+
+
+def test_fresh_seeds_are_recorded_and_replayable(monkeypatch):
+    """conftest lists a failing test's seeds from stag_testing.SEEDS; STAG_TEST_SEED replays."""
+    import stag_testing
+
+    first, second = stag_testing.fresh_seed(), stag_testing.fresh_seed()
+    assert stag_testing.SEEDS[-2:] == [first, second]
+    monkeypatch.setenv("STAG_TEST_SEED", "1234")
+    assert stag_testing.fresh_seed() == 1234 == stag_testing.SEEDS[-1]

@@ -31,7 +31,9 @@ def shard(name: str, full: torch.Tensor, dim, rank: int, gated: bool):
 
 def tp_worker(rank, overrides, inputs_path, out_dir):
     from megatron.core import parallel_state
+
     from stag_plugin import StagGPTModel
+
     from stag_testing import MAX_LEN, VOCAB
 
     inputs = torch.load(inputs_path)

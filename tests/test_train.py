@@ -21,10 +21,11 @@ import pytest
 import torch
 import yaml
 
-from stag_plugin import arguments, checkpointing, cli, evaluate, train
-from stag_plugin.cpu_compat import apply_cpu_compat
-from stag_plugin.data import prepare_data
-from stag_plugin.megatron_compat import free_port
+from stag_plugin import cli
+from stag_plugin.compat.cpu import apply_cpu_compat
+from stag_plugin.compat.megatron import free_port
+from stag_plugin.training import arguments, checkpointing, evaluate, train
+from stag_plugin.training.data import prepare_data
 
 from distributed import run_command
 from stag_testing import small_corpus, snapshot
@@ -77,7 +78,7 @@ def finished_run(tmp_path_factory, base_flags) -> Path:
 
 
 def run_ok(argv) -> None:
-    code = train.main([str(a) for a in argv])
+    code = cli.main(["train", *map(str, argv)])
     assert code == 0, f"stag train {' '.join(map(str, argv))} exited with {code}"
 
 
@@ -100,7 +101,7 @@ def validations(folder: Path) -> list:
 def eval_loss(capsys, *argv) -> float:
     """Run `stag eval` and read the loss from the line it prints."""
     capsys.readouterr()
-    code = evaluate.main([str(a) for a in argv])
+    code = cli.main(["eval", *map(str, argv)])
     out = capsys.readouterr().out
     assert code == 0, out
     match = re.search(r"(valid|test) loss (\S+) \|", out)
@@ -251,7 +252,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, caps
                           "--save", save]
     calls = crash(monkeypatch)
     with pytest.raises((OSError, KeyboardInterrupt)):
-        train.main([str(a) for a in flags])
+        cli.main(["train", *map(str, flags)])
     monkeypatch.undo()
     assert len(calls) == 2
 
@@ -356,7 +357,7 @@ def test_bad_train_input_is_a_clear_error_that_touches_nothing(extra, words, bas
 
     before_run, before_data = snapshot(finished_run), snapshot(data_cache)
     capsys.readouterr()
-    code = train.main(base_flags + ["--train-iters", "6", "--save", str(finished_run)]
+    code = cli.main(["train", *base_flags, "--train-iters", "6", "--save", str(finished_run)]
                       + [fill(a) for a in extra])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -369,7 +370,7 @@ def test_bad_train_input_is_a_clear_error_that_touches_nothing(extra, words, bas
 
 def test_command_line_process_reports_a_bad_tensor_parallel_size(base_flags):
     """The real entry point, in its own process (no process group exists beforehand)."""
-    code, output = run_command([sys.executable, "-m", "stag_plugin.train", *base_flags,
+    code, output = run_command([sys.executable, "-m", "stag_plugin", "train", *base_flags,
                                 "--train-iters", "4", "--tensor-model-parallel-size", "2"],
                                cwd=REPO, timeout=600)
     assert code == 2, output[-2000:]
@@ -379,7 +380,7 @@ def test_command_line_process_reports_a_bad_tensor_parallel_size(base_flags):
 
 def test_json_key_fix_in_the_message_is_a_real_flag(base_flags, bad_files, capsys):
     """The flag the JSONL error recommends reads another field when given to `stag train`."""
-    code = train.main(base_flags + ["--data-path", str(bad_files["no_text.jsonl"])])
+    code = cli.main(["train", *base_flags, "--data-path", str(bad_files["no_text.jsonl"])])
     err = capsys.readouterr().err
     assert code == 2
     flag = re.search(r"(--json-\S+) NAME", err).group(1)
@@ -392,7 +393,7 @@ def test_eval_without_checkpoint_is_a_clear_error(tmp_path, capsys, which):
     folder = tmp_path / "ckpt"
     if which == "empty-folder":
         folder.mkdir()
-    code = evaluate.main(["--load", str(folder)])
+    code = cli.main(["eval", "--load", str(folder)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("stag eval: error: ") and "Traceback" not in err, err
     assert str(folder) in err and "Fix" in err
@@ -519,7 +520,7 @@ def test_tensor_parallel_run_matches_and_its_checkpoint_loads_at_tp1(tmp_path, b
                                            "--hidden-dropout", "0.0"]]
     tp2, tp1 = tmp_path / "tp2", tmp_path / "tp1"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-              "--master-port", str(free_port()), "-m", "stag_plugin.train"]
+              "--master-port", str(free_port()), "-m", "stag_plugin", "train"]
     code, output = run_command(launch + flags + ["--tensor-model-parallel-size", "2",
                                                  "--save", str(tp2)], cwd=REPO, timeout=900)
     assert code == 0, output[-3000:]

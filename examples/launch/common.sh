@@ -34,7 +34,7 @@
 #   DISTRIBUTED_OPTIMIZER  1: --use-distributed-optimizer [1; tiny: 0]
 #   SEQUENCE_PARALLEL      1: --sequence-parallel [1 when TP > 1, else 0]
 #   DISTRIBUTED_TIMEOUT_MINUTES  --distributed-timeout-minutes [30]
-#   ENTRY           the trainer, as the words that follow `python` [-m stag_plugin.train]; e.g.
+#   ENTRY           the trainer, as the words that follow `python` [-m stag_plugin train]; e.g.
 #                   ENTRY=examples/megatron_lm/pretrain_stag.py for the Megatron-LM entry (it may
 #                   need its own data/tokenizer flags: pass them as extra arguments)
 #   TORCHRUN        the torchrun command [torchrun]
@@ -55,7 +55,7 @@ REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 MODEL=${MODEL:-stag2x18-separate}
 DRY_RUN=${DRY_RUN:-0}
 TORCHRUN=${TORCHRUN:-torchrun}
-ENTRY=${ENTRY:--m stag_plugin.train}
+ENTRY=${ENTRY:--m stag_plugin train}
 
 # model_args: MODEL_ARGS (shapes, --stag-* flags, schedule) and the per-model defaults.
 model_args() {

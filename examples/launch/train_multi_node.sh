@@ -4,7 +4,7 @@
 #
 #     torchrun --nnodes $NNODES --nproc-per-node $GPUS_PER_NODE --rdzv-backend c10d \
 #         --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT --rdzv-id $JOB_ID --max-restarts $MAX_RESTARTS \
-#         -m stag_plugin.train <flags> "$@"
+#         -m stag_plugin train <flags> "$@"
 #
 #     NNODES=2 MASTER_ADDR=node0 MODEL=stag2x18-separate examples/launch/train_multi_node.sh
 #

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a paper-shaped StagFormer (or the 18-layer GPT baseline) on one node with torchrun:
 #
-#     torchrun --standalone --nproc-per-node $GPUS_PER_NODE -m stag_plugin.train <flags> "$@"
+#     torchrun --standalone --nproc-per-node $GPUS_PER_NODE -m stag_plugin train <flags> "$@"
 #
 #     MODEL=stag2x18-shared examples/launch/train_single_node.sh
 #     MODEL=tiny GPUS_PER_NODE=2 examples/launch/train_single_node.sh     # CPU smoke test (gloo)

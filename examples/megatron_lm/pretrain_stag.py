@@ -1,7 +1,7 @@
 """Pretrain a StagFormer with Megatron-LM's training loop (`megatron.training.pretrain`).
 
 Megatron-LM's pretrain_gpt.py with three things swapped: the model (StagGPTModel, from
-stag_plugin.megatron_lm.model_provider), the batch (every pipeline stage gets the whole
+stag_plugin.integrations.megatron_lm.model_provider), the batch (every pipeline stage gets the whole
 micro-batch, since every stage that starts a section re-embeds the token ids), and the stages
 that build datasets (tensor-parallel rank 0 of every stage). Dataset configuration and the loss
 come from Megatron-LM's own pretrain_gpt.py. Works with Megatron-LM core_v0.16.1 - 0.17
@@ -22,7 +22,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 from megatron.training import get_args, get_timers, print_rank_0
 from megatron.training.datasets.fim_dataset import GPTFIMDataset
 
-from stag_plugin import megatron_lm
+from stag_plugin.integrations import megatron_lm
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):

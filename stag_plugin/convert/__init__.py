@@ -11,11 +11,13 @@
 
 Every command writes its output atomically (stag_plugin.convert.common) and reports a problem
 as `stag convert: error: <problem>. Fix: <fix>` with exit code 2.
+
+The folder also holds what converted models are: `inference_folder.py` (the self-contained
+folder the reference model and Hugging Face load) and `hf/` (the `transformers` classes).
+May import: everything below it (training's runtime and checkpoints, core, reference, compat).
 """
 
 from __future__ import annotations
-
-import sys
 
 SUBCOMMANDS = {
     "to-inference": ("stag_plugin.convert.to_inference",
@@ -26,14 +28,3 @@ SUBCOMMANDS = {
                  "plain GPT checkpoint -> StagFormer training checkpoint (upcycling)"),
 }
 
-
-def main(argv=None) -> int:
-    from stag_plugin.cli import dispatch
-    from stag_plugin.cpu_compat import quiet_known_warnings
-
-    quiet_known_warnings()
-    try:
-        return dispatch("stag convert", SUBCOMMANDS, sys.argv[1:] if argv is None else list(argv))
-    except ValueError as err:  # ConvertError and the checkpoint / config errors: all name a fix
-        print(f"stag convert: error: {err}", file=sys.stderr)
-        return 2

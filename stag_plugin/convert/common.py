@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from stag_plugin.errors import StagError
 
-class ConvertError(ValueError):
-    """A conversion that cannot proceed: `<problem>. Fix: <fix>`."""
 
-    def __init__(self, problem: str, fix: str):
-        super().__init__(f"{problem}. Fix: {fix}")
+class ConvertError(StagError):
+    """A conversion that cannot proceed."""
 
 
 def say(message: str) -> None:
@@ -54,7 +53,7 @@ def check_out(out: Path, overwrite: bool, sources: Iterable[Path] = ()) -> None:
 def staged_output(out: Path) -> Iterator[Path]:
     """Yield an empty `.partial` folder; rename it to `out` when the block completes, remove it
     when the block raises (or is interrupted)."""
-    from stag_plugin import checkpointing
+    from stag_plugin.training import checkpointing
 
     partial = partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)

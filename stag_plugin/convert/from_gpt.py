@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
 from stag_plugin.convert import gpt_source, recipes, source
 from stag_plugin.convert.common import ConvertError, check_out, say, staged_output
@@ -35,7 +34,7 @@ PRESET_EXTRA_FLAGS = ("seq_length", "vocab_size", "make_vocab_size_divisible_by"
 
 
 def build_parser(prog: str = "stag convert from-gpt") -> argparse.ArgumentParser:
-    from stag_plugin import arguments
+    from stag_plugin.training import arguments
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--load", type=Path, required=True,
@@ -81,7 +80,7 @@ def run(options: argparse.Namespace) -> Path:
 
 def target_args(gpt, options: argparse.Namespace, layers_per_section: int):
     """The GPT's flags with the StagFormer's options and depth, TP 1 x PP 1."""
-    from stag_plugin import arguments
+    from stag_plugin.training import arguments
 
     args = copy.copy(gpt.args)
     args.num_layers = options.stag_num_sections * layers_per_section
@@ -101,7 +100,7 @@ def target_args(gpt, options: argparse.Namespace, layers_per_section: int):
 
 def check_vocabulary(gpt, args) -> None:
     """The trainer must pad the tokenizer's vocabulary to the GPT's embedding rows."""
-    from stag_plugin import arguments
+    from stag_plugin.training import arguments
 
     padded = arguments.padded_vocab_size(gpt.tokenizer["vocab_size"], args)
     if padded != gpt.reference_cfg.vocab_size:
@@ -113,21 +112,17 @@ def check_vocabulary(gpt, args) -> None:
 def write_checkpoint(folder: Path, gpt, args, options: argparse.Namespace) -> None:
     """Build the StagFormer with the trainer's code, give it the upcycled weights, save it as
     iteration 0 with a fresh optimizer, and check the saved tensors."""
-    from stag_plugin import arguments, checkpointing, train
+    from stag_plugin.training import checkpointing, runtime
 
     vocab = gpt.reference_cfg.vocab_size
-    train.setup_distributed(1, 1, args.distributed_timeout_minutes)
-    train.apply_cpu_compat()
-    train.set_seed(args.seed)
-    model = train.build_model(args, arguments.config_from_args(args), vocab)
-    inner = train.unwrap(model[0])
+    runtime.start(1, 1, args.distributed_timeout_minutes, seed=args.seed)
+    model = runtime.build_model(args, vocab)
+    inner = runtime.unwrap(model[0])
     weights, owners = upcycled_weights(inner, gpt, args, options.recipe)
     inner.load_state_dict(weights)
-    optimizer, scheduler = train.build_optimizer(args, model)  # its fp32 copies: the new weights
-    holder = SimpleNamespace(args=args, model=model, optimizer=optimizer, scheduler=scheduler,
-                             iteration=0, consumed_samples=0)
-    checkpointing.save_checkpoint(folder, 0, train.checkpoint_state(holder),
-                                  train.run_record(args, 0, vocab, gpt.tokenizer),
+    optimizer, scheduler = runtime.build_optimizer(args, model)  # fp32 copies: the new weights
+    checkpointing.save_checkpoint(folder, 0, runtime.checkpoint_state(model, optimizer, scheduler),
+                                  runtime.run_record(args, 0, vocab, gpt.tokenizer),
                                   tokenizer_model=gpt.tokenizer_model)
     source.verify_tensors(checkpointing.iteration_dir(folder, 0), owners)
     write_preset(folder / PRESET_FILE, args)
@@ -135,8 +130,8 @@ def write_checkpoint(folder: Path, gpt, args, options: argparse.Namespace) -> No
 
 def upcycled_weights(inner, gpt, args, recipe: str):
     """(state dict for `inner`, the owner tensors its checkpoint must hold)."""
-    from stag_plugin import name_map
     from stag_plugin.convert import to_inference
+    from stag_plugin.reference import name_map
 
     cfg = to_inference.reference_config(args, {"architecture": {
         "padded_vocab_size": gpt.reference_cfg.vocab_size}})
@@ -154,7 +149,7 @@ def write_preset(path: Path, args) -> None:
     """The flags that fix the new model's shapes, as a `stag train --config` preset."""
     import yaml
 
-    from stag_plugin import arguments
+    from stag_plugin.training import arguments
 
     flags = arguments.ARCHITECTURE_FLAGS + PRESET_EXTRA_FLAGS
     values = {flag: getattr(args, flag) for flag in flags}

@@ -25,9 +25,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from stag_plugin import checkpointing
 from stag_plugin.convert import source
 from stag_plugin.convert.common import ConvertError
+from stag_plugin.training import checkpointing, runtime
 
 GPT_KEYS = {  # Megatron-LM GPTModel -> StagGPTModel with one section
     "embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
@@ -106,7 +106,7 @@ def read_stag_gpt(ckpt: source.Checkpoint, progress: bool) -> GPTSource:
     from stag_plugin.convert import to_inference
 
     record = source.read_record(ckpt)
-    args = source.saved_args(record)
+    args = runtime.saved_args(record)
     source.check_record(record, args, ckpt.folder)
     if args.stag_num_sections != 1:
         raise ConvertError(f"{ckpt.folder} is a StagFormer with {args.stag_num_sections} "
@@ -126,8 +126,8 @@ def read_stag_gpt(ckpt: source.Checkpoint, progress: bool) -> GPTSource:
 
 def read_megatron_lm_gpt(ckpt: source.Checkpoint, tokenizer_model: Optional[Path],
                          progress: bool, trust_code: bool = False) -> GPTSource:
-    from stag_plugin import name_map
     from stag_plugin.convert import to_inference
+    from stag_plugin.reference import name_map
 
     margs = source.read_common(ckpt.folder, trusted=trust_code).get("args")
     if margs is None:
@@ -188,7 +188,7 @@ def _layer_entries(key, rest, shape, dtype, num_layers, where) -> Dict[str, Tupl
 
 def args_from_megatron_lm(margs, vocab_size: int) -> argparse.Namespace:
     """stag train flags describing a Megatron-LM GPT (trainer defaults for the rest)."""
-    from stag_plugin import arguments, train
+    from stag_plugin.training import arguments
 
     missing = [name for name in MEGATRON_LM_REQUIRED if getattr(margs, name, None) is None]
     if missing:
@@ -199,7 +199,7 @@ def args_from_megatron_lm(margs, vocab_size: int) -> argparse.Namespace:
     if unsupported:
         raise ConvertError(f"the Megatron-LM model uses {', '.join(unsupported)}, which "
                            "StagGPTModel does not implement", "upcycle a GPT without them")
-    args = train.build_parser().parse_args([])
+    args = runtime.default_args()
     for name in MEGATRON_LM_ARGS:
         if getattr(margs, name, None) is not None:
             setattr(args, name, getattr(margs, name))
@@ -211,7 +211,7 @@ def args_from_megatron_lm(margs, vocab_size: int) -> argparse.Namespace:
 
 
 def _tokenizer(path: Optional[Path], ckpt: source.Checkpoint) -> Tuple[Path, dict]:
-    from stag_plugin.data import StagTokenizer
+    from stag_plugin.training.data import StagTokenizer
 
     if path is None:
         raise ConvertError(f"{ckpt.folder} is a Megatron-LM checkpoint without a tokenizer of "

@@ -1,6 +1,6 @@
 """Upcycling recipes: a p = 1 GPT's weights -> a p-section StagFormer's, in reference names.
 
-Both models are named as stag_plugin.reference names them (`stacks.{k}.blocks.{i}.…`; the GPT
+Both models are named as stag_plugin.reference.model names them (`stacks.{k}.blocks.{i}.…`; the GPT
 is the single stack 0, with n layers). Each recipe is a table of rules, tried in order; the
 first whose pattern matches a target key says where the tensor comes from:
 

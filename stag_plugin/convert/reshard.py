@@ -1,17 +1,17 @@
 """`stag convert reshard`: rewrite a training checkpoint for another TP / PP layout, and prove it.
 
     stag convert reshard --load runs/tiny --out runs/tiny-pp2 --pipeline-model-parallel-size 2
-    torchrun --nproc-per-node 4 -m stag_plugin.convert reshard --load runs/tiny \
+    torchrun --nproc-per-node 4 -m stag_plugin convert reshard --load runs/tiny \
         --out runs/tiny-tp2pp2 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
 
-Launched as one process it starts the T x P processes itself (torchrun; gloo on CPU, NCCL on
-GPU); under torchrun it uses the launched world (T x P must divide it). Each rank builds the
-model and optimizer of the new layout with the trainer's own code (stag_plugin.train), loads
-the source into them (Megatron's distributed checkpoints reshard on load; the distributed
-optimizer is saved "fully_reshardable"), and saves them with the trainer's save path, the run
-record's flags updated to the new layout: `stag train --load OUT` resumes under that layout and
-`stag eval` / `stag generate` read it. RNG streams restart from the run's seed (RNG states of
-one layout do not map onto another).
+Launched as one process it starts the T x P processes itself (torchrun; gloo on CPU, NCCL on GPU);
+under torchrun it uses the launched world (T x P must divide it). Each rank builds the model and
+optimizer of the new layout with the trainer's own code (stag_plugin.training.runtime), loads the
+source into them (Megatron's distributed checkpoints reshard on load; the distributed optimizer is
+saved "fully_reshardable"), and saves them with the trainer's save path, the run record's flags
+updated to the new layout: `stag train --load OUT` resumes under that layout and `stag eval` / `stag
+generate` read it. RNG streams restart from the run's seed (RNG states of one layout do not map onto
+another).
 
 The output is written to `.OUT.partial/`; rank 0 then reads every tensor of it and of the
 source back whole and requires them equal (model and optimizer state, same keys) before
@@ -28,12 +28,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from stag_plugin.convert import source
 from stag_plugin.convert.common import ConvertError, check_out, partial_path, say
+from stag_plugin.training import runtime
 
 
 @dataclass
@@ -78,12 +78,12 @@ def main(argv) -> int:
 
 def prepare(options: argparse.Namespace) -> Plan:
     """Every check that needs no process group: source, layout, vocabulary, output."""
-    from stag_plugin import arguments
+    from stag_plugin.training import arguments
 
     ckpt = source.locate(options.load)
     record = source.read_record(ckpt)
-    source.check_record(record, source.saved_args(record), ckpt.folder)
-    args = source.saved_args(record, options.tensor_model_parallel_size,
+    source.check_record(record, runtime.saved_args(record), ckpt.folder)
+    args = runtime.saved_args(record, options.tensor_model_parallel_size,
                              options.pipeline_model_parallel_size)
     arguments.config_from_args(args)  # a layout the model cannot take fails here
     vocab = record["architecture"]["padded_vocab_size"]
@@ -104,11 +104,11 @@ def prepare(options: argparse.Namespace) -> Plan:
 
 def launch(argv, options: argparse.Namespace, nprocs: int) -> None:
     """Run this same command on `nprocs` local processes (torchrun) and wait for them."""
-    from stag_plugin.megatron_compat import free_port
+    from stag_plugin.compat.megatron import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
            str(nprocs), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "stag_plugin.convert", "reshard", *map(str, argv)]
+           "-m", "stag_plugin", "convert", "reshard", *map(str, argv)]
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", "1")  # the ranks share the machine's cores
@@ -124,24 +124,38 @@ def launch(argv, options: argparse.Namespace, nprocs: int) -> None:
                            "not written")
 
 
+@dataclass
+class Target:
+    """The new layout's model, optimizer and schedule, and where the source left them."""
+
+    model: list
+    optimizer: object
+    scheduler: object
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
 def reshard(options: argparse.Namespace, plan: Plan) -> None:
     """On every rank: load the source under the new layout, save, verify (rank 0), publish."""
-    from stag_plugin import checkpointing, train
+    from stag_plugin.training import checkpointing
 
-    holder = build(plan)
-    load_source(holder, plan, options)
+    target = build(plan)
+    load_source(target, plan, options)
     partial = partial_path(options.out)
     rank0 = _rank() == 0
     if rank0:
         shutil.rmtree(partial, ignore_errors=True)
+    args = copy.copy(plan.args)
+    args.load, args.save = str(plan.ckpt.folder), str(options.out)
     error = None
     try:
-        record = train.run_record(holder.args, holder.iteration, plan.vocab,
-                                  plan.record["tokenizer"])
-        checkpointing.save_checkpoint(partial, holder.iteration, train.checkpoint_state(holder),
-                                      record, tokenizer_model=plan.ckpt.tokenizer_model)
+        state = runtime.checkpoint_state(target.model, target.optimizer, target.scheduler,
+                                         target.iteration, target.consumed_samples)
+        record = runtime.run_record(args, target.iteration, plan.vocab, plan.record["tokenizer"])
+        checkpointing.save_checkpoint(partial, target.iteration, state, record,
+                                      tokenizer_model=plan.ckpt.tokenizer_model)
         if rank0:
-            error = publish(checkpointing.iteration_dir(partial, holder.iteration), options, plan)
+            error = publish(checkpointing.iteration_dir(partial, target.iteration), options, plan)
     except BaseException:
         if rank0:
             shutil.rmtree(partial, ignore_errors=True)
@@ -149,50 +163,39 @@ def reshard(options: argparse.Namespace, plan: Plan) -> None:
     _raise_on_any_rank(error)
 
 
-def build(plan: Plan) -> SimpleNamespace:
+def build(plan: Plan) -> Target:
     """The new layout's model, optimizer and scheduler, built by the trainer's own code."""
-    from stag_plugin import arguments, train
-
     args = plan.args
-    train.setup_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                            args.distributed_timeout_minutes)
-    train.apply_cpu_compat()
-    train.set_seed(args.seed)
-    model = train.build_model(args, arguments.config_from_args(args), plan.vocab)
-    optimizer, scheduler = train.build_optimizer(args, model)
-    return SimpleNamespace(args=args, model=model, optimizer=optimizer, scheduler=scheduler,
-                           iteration=0, consumed_samples=0)
+    runtime.start(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.distributed_timeout_minutes, seed=args.seed)
+    model = runtime.build_model(args, plan.vocab)
+    return Target(model, *runtime.build_optimizer(args, model))
 
 
-def load_source(holder: SimpleNamespace, plan: Plan, options: argparse.Namespace) -> None:
-    """Load the source checkpoint into the new layout (model, optimizer, scheduler, counters)."""
+def load_source(target: Target, plan: Plan, options: argparse.Namespace) -> None:
+    """Load the source checkpoint into the new layout (model, optimizer, scheduler, counters);
+    the RNG streams of another layout do not map onto this one and are not read."""
     from megatron.core import dist_checkpointing
 
-    from stag_plugin import train
-
-    loading = copy.copy(plan.args)
-    loading.no_load_rng, loading.no_load_optim = True, not plan.with_optimizer
-    loading.load = plan.ckpt.folder
-    sharded = train.checkpoint_state(SimpleNamespace(**{**vars(holder), "args": loading}),
-                                     loading=True)
+    optimizer = target.optimizer if plan.with_optimizer else None
+    sharded = runtime.checkpoint_state(target.model, optimizer, target.scheduler, rng=False,
+                                       loading=True)
     if _rank() == 0 and not options.no_progress:
         say(f"loading {plan.ckpt.folder} at TP {plan.args.tensor_model_parallel_size} x PP "
             f"{plan.args.pipeline_model_parallel_size}")
     state = dist_checkpointing.load(sharded, str(plan.ckpt.folder))
-    train.unwrap(holder.model[0]).load_state_dict(state["model"])
+    runtime.unwrap(target.model[0]).load_state_dict(state["model"])
     if plan.with_optimizer:
-        holder.optimizer.load_state_dict(state["optimizer"])
-        holder.scheduler.load_state_dict(state["opt_param_scheduler"])
-    holder.iteration = int(state["iteration"])
-    holder.consumed_samples = int(state["consumed_samples"])
-    holder.args = copy.copy(plan.args)
-    holder.args.load, holder.args.save = str(plan.ckpt.folder), str(options.out)
+        target.optimizer.load_state_dict(state["optimizer"])
+        target.scheduler.load_state_dict(state["opt_param_scheduler"])
+    target.iteration = int(state["iteration"])
+    target.consumed_samples = int(state["consumed_samples"])
 
 
 def publish(written: Path, options: argparse.Namespace, plan: Plan):
     """Rank 0: verify the written iteration against the source, then rename its run folder to
-    --out. Returns an error message (shared with the other ranks) or None."""
-    from stag_plugin import checkpointing
+    --out. Returns the error as (problem, fix), shared with the other ranks, or None."""
+    from stag_plugin.training import checkpointing
 
     partial = written.parent
     try:
@@ -200,7 +203,7 @@ def publish(written: Path, options: argparse.Namespace, plan: Plan):
                                            progress=not options.no_progress)
     except ConvertError as err:
         shutil.rmtree(partial, ignore_errors=True)
-        return str(err)
+        return err.problem, err.fix
     checkpointing.replace_dir(partial, Path(options.out))
     say(f"wrote {options.out} (TP {plan.args.tensor_model_parallel_size} x PP "
         f"{plan.args.pipeline_model_parallel_size}); verified {count} tensors equal to the source")
@@ -214,7 +217,7 @@ def _raise_on_any_rank(error) -> None:
         torch.distributed.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise ValueError(error)
+        raise ConvertError(*error)
 
 
 def _rank() -> int:

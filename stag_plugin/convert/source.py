@@ -28,9 +28,9 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-from stag_plugin import checkpointing
-from stag_plugin import megatron_compat as compat
+from stag_plugin.compat import megatron as compat
 from stag_plugin.convert.common import ConvertError, say
+from stag_plugin.training import checkpointing
 
 NON_MODEL_PREFIXES = ("optimizer.",)  # everything else in the tensor index is a model tensor
 INDEX_FILE = ".metadata"
@@ -74,7 +74,7 @@ def locate(load: Path) -> Checkpoint:
         try:
             iteration = checkpointing.latest_iteration(load)
         except checkpointing.CheckpointError as err:
-            raise ConvertError(str(err).split(". Fix:")[0], "rewrite the tracker file with "
+            raise ConvertError(err.problem, "rewrite the tracker file with "
                                "the iteration of a complete iter_XXXXXXX folder") from err
         if iteration is None:
             raise ConvertError(f"{load} holds no checkpoint (neither {checkpointing.TRACKER} "
@@ -106,25 +106,10 @@ def read_record(ckpt: Checkpoint) -> dict:
     return record
 
 
-def saved_args(record: dict, tensor_parallel: int = 1,
-               pipeline_parallel: int = 1) -> argparse.Namespace:
-    """The run's flags (trainer defaults for flags newer than the record), under the given
-    layout; the architecture is layout-independent."""
-    from stag_plugin import train
-
-    defaults = vars(train.build_parser().parse_args([]))
-    args = argparse.Namespace(**{**defaults, **record["args"]})
-    args.tensor_model_parallel_size = tensor_parallel
-    args.pipeline_model_parallel_size = pipeline_parallel
-    args.num_layers_per_virtual_pipeline_stage = None
-    args.sequence_parallel = bool(args.sequence_parallel) and tensor_parallel > 1
-    return args
-
-
 def check_record(record: dict, args: argparse.Namespace, where: Path) -> None:
     """The record's architecture must be what its own flags say (a hand-edited or mixed-up
     stag_run.json otherwise builds a model the tensors do not fit)."""
-    from stag_plugin import arguments
+    from stag_plugin.training import arguments
 
     saved = record["architecture"]
     expected = arguments.architecture_of(args, saved.get("padded_vocab_size"))

@@ -1,14 +1,14 @@
 """`stag convert to-inference`: a training checkpoint of any TP / PP layout -> the
 self-contained inference folder (config.json, model.safetensors, tokenizer.model, README.md;
-see stag_plugin.inference_folder) that the plain-PyTorch reference model loads.
+see stag_plugin.convert.inference_folder) that the plain-PyTorch reference model loads.
 
     stag convert to-inference --load runs/tiny --out models/tiny
     stag convert to-inference --load runs/tiny/iter_0000200 --out models/tiny-bf16 --dtype bf16
 
 One process, no model is built: the model tensors are read whole from the distributed
 checkpoint, checked against what the run record (stag_run.json) describes (every key, shape and
-dtype), mapped to reference names by stag_plugin.name_map (every key used once) and written
-atomically.
+dtype), mapped to reference names by stag_plugin.reference.name_map (every key used once)
+and written atomically.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from stag_plugin import name_map
 from stag_plugin.convert import source
 from stag_plugin.convert.common import ConvertError, check_out, say
+from stag_plugin.reference import name_map
+from stag_plugin.training import runtime
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
@@ -43,11 +44,11 @@ def main(argv) -> int:
 
 
 def run(options: argparse.Namespace) -> Path:
-    from stag_plugin.inference_folder import DTYPES, save_inference_folder
+    from stag_plugin.convert.inference_folder import DTYPES, save_inference_folder
 
     ckpt = source.locate(options.load)
     record = source.read_record(ckpt)
-    args = source.saved_args(record)
+    args = runtime.saved_args(record)
     source.check_record(record, args, ckpt.folder)
     cfg = reference_config(args, record)
     check_out(options.out, options.overwrite, ckpt.sources())
@@ -65,8 +66,8 @@ def run(options: argparse.Namespace) -> Path:
 
 def reference_config(args: argparse.Namespace, record: dict):
     """The reference model's config for this run (layout-independent)."""
-    from stag_plugin import arguments
-    from stag_plugin.reference import ReferenceConfig
+    from stag_plugin.reference.model import ReferenceConfig
+    from stag_plugin.training import arguments
 
     config = arguments.config_from_args(args)
     try:
@@ -118,4 +119,4 @@ def readme(ckpt: source.Checkpoint, record: dict, dtype: str) -> str:
         f"{arch['num_layers']} layers in all, hidden size {arch['hidden_size']}\n"
         f"- vocabulary: {arch['padded_vocab_size']} (tokenizer.model, end of document id "
         f"{record['tokenizer']['eod']})\n\n"
-        "Load it with `stag_plugin.inference_folder.load_inference_folder(folder)`.\n")
+        "Load it with `stag_plugin.convert.inference_folder.load_inference_folder(folder)`.\n")

@@ -25,14 +25,17 @@ def main(argv) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     from megatron.core import parallel_state
 
-    from stag_plugin import train
-    from stag_plugin.inference import Sampler, StagDecoder
-    from stag_plugin.model import StagGPTModel
+    from stag_plugin.compat.cpu import quiet_known_warnings
+    from stag_plugin.core.model import StagGPTModel
+    from stag_plugin.decode.pipeline import PipelineDecoder
+    from stag_plugin.reference.sampling import Sampler
+    from stag_plugin.training import runtime
+
     from stag_testing import MAX_LEN, VOCAB, tiny_config
 
-    train.quiet_known_warnings()
+    quiet_known_warnings()
     world = int(__import__("os").environ["WORLD_SIZE"])
-    train.setup_distributed(1, world, timeout_minutes=2)
+    runtime.setup_distributed(1, world, timeout_minutes=2)
     rank = torch.distributed.get_rank()
     results = []
     try:
@@ -45,8 +48,7 @@ def main(argv) -> None:
             full = case["state"]
             model.load_state_dict({name: full[model.checkpoint_key(name, owner=False)]
                                    for name in model.state_dict()})
-            decoder = StagDecoder(model, max_batch_size=2, max_sequence_length=16,
-                                  mode="pipeline")
+            decoder = PipelineDecoder(model, max_batch_size=2, max_sequence_length=16)
             tokens, prompt = case["tokens"], case["prompt"]
             logits = [decoder.prefill(tokens[:, :prompt])]
             for t in range(prompt, tokens.shape[1]):

@@ -1,5 +1,5 @@
 """One training run of tests/test_parallel.py, under whatever layout torchrun (or nothing)
-launched: the trainer's own code path (`stag_plugin.train`), plus two test-only steps.
+launched: the trainer's own code path (`stag_plugin.training.train`), plus two test-only steps.
 
     python layout_worker.py OUT [--save-init DIR] [--logits-only] -- <stag train flags>
 
@@ -28,9 +28,10 @@ def main(argv) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(1)  # ranks share the machine's cores
 
-    from stag_plugin import arguments, train
+    from stag_plugin.compat.cpu import quiet_known_warnings
+    from stag_plugin.training import arguments, train
 
-    train.quiet_known_warnings()
+    quiet_known_warnings()
     args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(),
                                                                argv[split + 1:]))
     options.out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def write_logits(run, path: Path) -> None:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from stag_plugin import train
+    from stag_plugin.training import train
 
     batches, count = train.micro_batches(run.valid_ds, 0, run.args)
     collected = []

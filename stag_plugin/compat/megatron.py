@@ -1,0 +1,273 @@
+"""The one place where stag_plugin meets version- or device-specific corners of Megatron-Core.
+
+Everything here exists because megatron-core (0.16.1 is the reference version; 0.17 - 0.19 are
+supported) assumes something that is not true on every machine, or changed its API between
+releases. Model code imports these names instead of reaching into Megatron for them, so a new
+Megatron release or a CPU-only machine means editing this file only.
+
+Contents:
+    import_megatron_core   import guard with a clear message when Transformer Engine is broken
+    require_optional       import guard for transformer_engine / apex / deepspeed features
+    RotaryEmbedding        Megatron's RotaryEmbedding that stays on the CPU when there is no GPU
+    apply_rope             Megatron's apply_rotary_pos_emb, behind one signature
+    name_kwargs            the `name=` keyword Megatron (0.19+) gives modules built from specs
+    read_common_state      a checkpoint's common (non-tensor) state, as bytes, in either layout
+    model_parallel_rng     the model-parallel RNG fork on CUDA, a no-op on CPU
+    initialize_single_process   a world of one process (gloo) for notebooks, probes and tests
+    megatron_lm_pretrain_api    which calling convention Megatron-LM's `pretrain()` has
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed.checkpoint
+
+_TE_BROKEN_HELP = (
+    "Megatron-Core could not be imported because Transformer Engine failed to load: {err}\n"
+    "Transformer Engine is installed but its CUDA libraries (cuDNN/cuBLAS) are missing, which is "
+    "the usual state on a machine without a GPU. megatron-core only tolerates an *absent* "
+    "Transformer Engine, not a broken one. Fix: uninstall it on CPU-only machines "
+    "(`pip uninstall -y transformer-engine transformer-engine-torch transformer-engine-cu12`), "
+    "or install the CUDA libraries it needs on GPU machines."
+)
+
+
+def import_megatron_core():
+    """Import megatron.core, turning Transformer Engine's load failure into an actionable error.
+
+    With transformer-engine installed on a machine without CUDA libraries, `import megatron.core`
+    raises RuntimeError/OSError from inside TE (megatron only catches ImportError).
+    """
+    try:
+        return importlib.import_module("megatron.core")
+    except ImportError as err:
+        if err.name == "triton":  # megatron-core 0.19 imports triton at start-up
+            raise ImportError(
+                f"megatron-core could not be imported: {err}. From 0.19 it imports triton when "
+                "it starts; CUDA builds of torch bring triton, CPU builds do not. Fix: "
+                "`pip install triton`") from err
+        if "megatron" in str(err):
+            raise ImportError(
+                "stag_plugin needs megatron-core >= 0.16.1: `pip install 'megatron-core>=0.16.1'`"
+            ) from err
+        raise
+    except (RuntimeError, OSError) as err:
+        raise ImportError(_TE_BROKEN_HELP.format(err=err)) from err
+
+
+_OPTIONAL = {
+    "transformer_engine": "pip install transformer-engine[pytorch] (needs CUDA and cuDNN)",
+    "apex": "build NVIDIA apex from source (https://github.com/NVIDIA/apex), needs CUDA",
+    "deepspeed": "pip install deepspeed",
+}
+
+
+def require_optional(module: str, feature: str):
+    """Import an optional dependency or raise ImportError naming the feature that needs it."""
+    if module not in _OPTIONAL:
+        raise KeyError(f"unknown optional dependency {module!r}; known: {sorted(_OPTIONAL)}")
+    try:
+        return importlib.import_module(module)
+    except Exception as err:  # TE raises RuntimeError/OSError when its CUDA libraries are missing
+        raise ImportError(
+            f"{feature} needs the optional dependency '{module}', which could not be imported "
+            f"({type(err).__name__}: {err}). Install it with: {_OPTIONAL[module]}"
+        ) from err
+
+
+import_megatron_core()
+
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
+from megatron.core.models.common.embeddings.rotary_pos_embedding import (  # noqa: E402
+    RotaryEmbedding as _MegatronRotaryEmbedding,
+)
+from megatron.core.transformer.attention import Attention as _Attention  # noqa: E402
+
+# megatron-core 0.19 gives every module built from a spec its instance name (`name=`, e.g.
+# "decoder.layers.3.cross_attention") and passes it on to the module's own submodules (linear
+# layers included); 0.16 - 0.18 have no such argument.
+_MODULES_TAKE_NAMES = "name" in inspect.signature(_Attention.__init__).parameters
+
+
+def name_kwargs(name, child: str = "") -> dict:
+    """`{"name": name + child}` for Megatron releases whose modules take instance names (0.19+),
+    `{}` for older ones; `name` None (a module built without a parent's name) stays None."""
+    if not _MODULES_TAKE_NAMES:
+        return {}
+    return {"name": None if name is None else name + child}
+
+
+class RotaryEmbedding(_MegatronRotaryEmbedding):
+    """Megatron's RotaryEmbedding, usable on machines without CUDA.
+
+    megatron-core 0.16 `RotaryEmbedding.get_emb` moves `inv_freq` to
+    `torch.cuda.current_device()` whenever it sits on the CPU. With CUDA present we keep that
+    behaviour; without it the same frequencies are computed on the CPU.
+    """
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        if torch.cuda.is_available():
+            return super().get_emb(max_seq_len, offset)
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # [s, dim/2]
+        if self.rotary_interleaved:
+            emb = torch.stack((freqs, freqs), dim=-1).view(freqs.shape[0], -1)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return emb[:, None, None, :]  # [s, 1, 1, dim]
+
+
+def rotary_embedding(config) -> RotaryEmbedding:
+    """The RoPE module for a StagFormerConfig (self- and cross-attention use the same one)."""
+    return RotaryEmbedding(
+        kv_channels=config.kv_channels,
+        rotary_percent=config.rotary_percent,
+        rotary_interleaved=config.rotary_interleaved,
+        rotary_base=config.rotary_base,
+        use_cpu_initialization=config.use_cpu_initialization or not torch.cuda.is_available(),
+    )
+
+
+def apply_rope(t: torch.Tensor, freqs: torch.Tensor, config) -> torch.Tensor:
+    """Rotate `t` [s, b, heads, d] by `freqs` [s, 1, 1, d_rot] (Megatron's bshd path)."""
+    return rope_utils.apply_rotary_pos_emb(t, freqs, config=config)
+
+
+def model_parallel_rng():
+    """Context for dropout that must differ across tensor-parallel ranks.
+
+    On CUDA this is Megatron's model-parallel RNG tracker; the CPU build has no such tracker
+    (it stores CUDA RNG states), so there the default generator is used.
+    """
+    if torch.cuda.is_available():
+        return tensor_parallel.get_cuda_rng_tracker().fork()
+    return contextlib.nullcontext()
+
+
+def initialize_single_process(tensor_model_parallel_size: int = 1) -> None:
+    """Set up torch.distributed (gloo, world size 1) and Megatron's parallel state.
+
+    For notebooks, scripts and tests that run one process. Multi-process jobs initialise
+    torch.distributed themselves (torchrun) and call `parallel_state.initialize_model_parallel`.
+    """
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size
+        )
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+# Up to megatron-core 0.18 `dist_checkpointing.save` writes a checkpoint's common (non-tensor)
+# state, e.g. Megatron-LM's args, to `common.pt` beside the torch_dist shards; from 0.19 it is
+# the byte object "common_state" inside the torch_dist checkpoint and common.pt is only read
+# from older checkpoints. Which layout a folder has depends on who wrote it, not on the
+# installed release, so both are read.
+LEGACY_COMMON_FILE = "common.pt"
+COMMON_STATE_KEY = "common_state"
+
+
+@dataclass(frozen=True)
+class CommonState:
+    """A checkpoint's serialized common state, not yet unpickled."""
+
+    where: str  # the file or checkpoint entry it came from (for messages)
+    payload: bytes  # torch.save output
+    sharded: bool  # 0.19 layout: a ShardedObject, whose payload holds [state]
+
+    def load(self, unpickle):
+        """The state, unpickled by `unpickle` (bytes -> object; the caller chooses how far to
+        trust them)."""
+        found = unpickle(self.payload)
+        if not self.sharded:
+            return found
+        if not isinstance(found, list) or len(found) != 1:
+            raise ValueError(f"{self.where} is not the one-element list megatron-core writes")
+        return found[0]
+
+
+def read_common_state(folder) -> CommonState:
+    """The common state of checkpoint `folder` in either layout (FileNotFoundError: none)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    legacy = folder / LEGACY_COMMON_FILE
+    if legacy.is_file():
+        return CommonState(str(legacy), legacy.read_bytes(), sharded=False)
+    key = _common_state_storage_key()
+    reader = torch.distributed.checkpoint.FileSystemReader(str(folder))
+    if key not in reader.read_metadata().state_dict_metadata:
+        raise FileNotFoundError(f"{folder} holds neither {LEGACY_COMMON_FILE} (megatron-core "
+                                f"<= 0.18) nor a '{COMMON_STATE_KEY}' entry (0.19+)")
+    planner = _RawBytesPlanner()
+    torch.distributed.checkpoint.load({key: None}, storage_reader=reader, planner=planner,
+                                      no_dist=True)
+    return CommonState(f"{folder} ('{COMMON_STATE_KEY}' entry)", planner.raw[key], sharded=True)
+
+
+def _common_state_storage_key() -> str:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(COMMON_STATE_KEY, None, (1,), (0,)).unique_key
+
+
+class _RawBytesPlanner(torch.distributed.checkpoint.DefaultLoadPlanner):
+    """Keeps byte entries as bytes: torch's planner unpickles them without restriction."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False)
+        self.raw = {}
+
+    def load_bytes(self, read_item, value) -> None:
+        self.raw[read_item.dest_index.fqn] = value.read()
+
+
+# ---------------------------------------------------------------------------- Megatron-LM
+
+PRETRAIN_APIS = ("positional", "config")
+
+
+def megatron_lm_pretrain_api(pretrain) -> str:
+    """Which calling convention Megatron-LM's `megatron.training.pretrain` has.
+
+    "positional" (Megatron-LM <= 0.17): `pretrain(train_valid_test_dataset_provider,
+        model_provider, model_type, forward_step_func, ..., extra_args_provider, args_defaults)`;
+        pretrain parses the command line itself.
+    "config" (Megatron-LM >= 0.18): `pretrain(cfg_container, train_valid_test_dataset_provider,
+        ...)`; the caller parses the command line (`parse_and_validate_args`) and builds the
+        container (`pretrain_cfg_container_from_args`). From 0.19 `model_provider` follows
+        `forward_step_func` and is optional, so callers pass every provider by keyword.
+
+    Told from the signature, not a version number: a Megatron-LM checkout on PYTHONPATH need
+    not match the installed megatron-core's version.
+    """
+    params = inspect.signature(pretrain).parameters
+    if "cfg_container" in params:
+        return "config"
+    if "extra_args_provider" in params and "train_valid_test_dataset_provider" in params:
+        return "positional"
+    raise TypeError(
+        f"unrecognised Megatron-LM pretrain{inspect.signature(pretrain)}: expected "
+        "pretrain(train_valid_test_dataset_provider, ..., extra_args_provider=...) (Megatron-LM "
+        "<= 0.17) or pretrain(cfg_container, ...) (>= 0.18). Fix: use a Megatron-LM release "
+        "between core_v0.16.1 and core_v0.19, or extend stag_plugin.compat.megatron")

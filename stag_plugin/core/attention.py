@@ -1,0 +1,202 @@
+"""Attention modules for the local backend: SDPA core attention and StagFormer cross-attention.
+
+Layouts (Megatron's): hidden states [s, b, h]; per-head tensors [s, b, heads, head_dim].
+
+The memory a section cross-attends to is the previous section's output shifted by one token:
+slot 0 holds the learned null memory, slot j >= 1 holds m_{j-1} (section k-1's output at token
+j-1). Query i may read slots max(0, i-w+1)..i, so it never sees the token it is computing. For
+RoPE, slot j sits at position j and query i at position i+1: the relative distance from query i
+to the slot holding m_t is i - t, the same as between tokens i and t; the null slot is one step
+further than token 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.attention import Attention, CrossAttentionSubmodules  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core.utils import divide  # noqa: E402
+from torch import Tensor
+
+from stag_plugin.compat import megatron as compat
+
+
+def cross_attention_mask(
+    seq_len: int,
+    window: Optional[int],
+    device: torch.device,
+    self_attention_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Mask between queries and shifted-memory slots, True = masked (Megatron's convention).
+
+    Query i sees slots j with i - w < j <= i (all j <= i without a window). When the
+    self-attention mask hides token t from query i (e.g. document boundaries), the slot holding
+    m_t (j = t + 1) is hidden too; the null slot stays visible.
+
+    Returns [1, 1, s, s], or [b, 1, s, s] when `self_attention_mask` is per-sample.
+    """
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    masked = j > i
+    if window is not None:
+        masked = masked | (j <= i - window)
+    masked = masked[None, None]
+    if self_attention_mask is not None:
+        hidden = self_attention_mask[..., :, :-1]  # query i vs token j-1, for slots j >= 1
+        null_column = torch.zeros_like(self_attention_mask[..., :, :1])
+        masked = masked | torch.cat([null_column, hidden], dim=-1)
+    return masked
+
+
+class SDPAttention(MegatronModule):
+    """Core attention on torch.nn.functional.scaled_dot_product_attention (CPU and GPU).
+
+    Drop-in for Megatron's DotProductAttention, whose buffers live on the current CUDA device.
+    query [sq, b, np, hn], key/value [sk, b, ng, hn] (np / ng query heads per key/value group)
+    -> context [sq, b, np * hn].
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        head_dim = config.kv_channels
+        self.softmax_scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports neither packed sequences nor bias")
+        sq, b, heads, head_dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        mask_type = attn_mask_type or self.attn_mask_type
+        sdpa_mask = None if attention_mask is None else ~attention_mask  # True = attend
+        is_causal = attention_mask is None and mask_type == AttnMaskType.causal
+        dropout_p = self.dropout_p if self.training else 0.0
+        with compat.model_parallel_rng() if dropout_p > 0 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=is_causal,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != heads,
+            )  # [b, np, sq, hn]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
+
+
+class StagCrossAttention(Attention):
+    """Cross-attention from a section's hidden states to the previous section's shifted memory.
+
+    Unlike Megatron's CrossAttention it supports grouped-query attention (num_query_groups
+    key/value heads), applies RoPE at memory positions, and exposes the query and memory
+    projections separately so a decoder can cache memory keys/values slot by slot.
+
+    forward(hidden [sq, b, h], mask [*, 1, sq, sk], memory [sk, b, h]) -> (out [sq, b, h], bias)
+    """
+
+    def __init__(
+        self,
+        config,
+        submodules: CrossAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.arbitrary,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+            attention_type="cross",
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+            **compat.name_kwargs(name),
+        )
+        bias = config.add_bias_linear or config.add_qkv_bias
+        projection = dict(config=config, init_method=config.init_method, gather_output=False,
+                          bias=bias, skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
+        self.linear_q = submodules.linear_q(config.hidden_size, self.query_projection_size,
+                                            **projection, **compat.name_kwargs(name, ".linear_q"))
+        self.linear_kv = submodules.linear_kv(config.hidden_size, 2 * self.kv_projection_size,
+                                              **projection,
+                                              **compat.name_kwargs(name, ".linear_kv"))
+        self.rotary = compat.rotary_embedding(config) if config.cross_attention_rope else None
+        self.groups_per_partition = divide(config.num_query_groups, self.world_size)
+
+    def project_query(self, hidden_states: Tensor, first_position: int) -> Tensor:
+        """[sq, b, h] -> queries [sq, b, np, hn], RoPE from `first_position` on."""
+        query, _ = self.linear_q(hidden_states)
+        query = query.view(*query.shape[:-1], self.num_attention_heads_per_partition,
+                           self.hidden_size_per_attention_head)
+        return self._rope(query, first_position)
+
+    def project_memory(self, memory: Tensor, first_slot: int) -> tuple[Tensor, Tensor]:
+        """Memory slots [sk, b, h] -> keys, values [sk, b, ng, hn]; RoPE keys from `first_slot`."""
+        mixed, _ = self.linear_kv(memory)
+        mixed = mixed.view(*mixed.shape[:-1], self.groups_per_partition,
+                           2 * self.hidden_size_per_attention_head)
+        key, value = torch.chunk(mixed, 2, dim=-1)  # per group: [k | v]
+        return self._rope(key.contiguous(), first_slot), value.contiguous()
+
+    def _rope(self, t: Tensor, first_position: int) -> Tensor:
+        if self.rotary is None:
+            return t
+        return compat.apply_rope(t, self.rotary(t.shape[0], offset=first_position), self.config)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states, output_gate=False,
+                                    split_qkv=True):
+        """Teacher-forced layout: query i at position i+1, memory slot j at position j."""
+        if output_gate or not split_qkv:
+            raise NotImplementedError("StagCrossAttention has no output gate or fused qkv")
+        query = self.project_query(hidden_states, first_position=1)
+        key, value = self.project_memory(key_value_states, first_slot=0)
+        return query, key, value
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor],
+        key_value_states: Optional[Tensor] = None,
+        inference_context=None,
+    ):
+        if key_value_states is None:
+            raise ValueError("StagCrossAttention needs the previous section's shifted memory "
+                             "(TransformerBlock's `context` argument)")
+        if inference_context is not None:
+            raise NotImplementedError("Megatron inference contexts are not supported by "
+                                      "StagCrossAttention; decode with stag_plugin's own engine")
+        query, key, value = self.get_query_key_value_tensors(hidden_states, key_value_states)
+        if self.checkpoint_core_attention and self.training:
+            context = self._checkpointed_attention_forward(query, key, value, attention_mask,
+                                                           attn_mask_type=self.attn_mask_type)
+        else:
+            context = self.core_attention(query, key, value, attention_mask,
+                                          attn_mask_type=self.attn_mask_type)
+        return self.linear_proj(context)  # (output [sq, b, h], bias)

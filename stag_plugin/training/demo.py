@@ -1,0 +1,298 @@
+"""`stag demo`: the embedded default. Train four models on the embedded corpus for the same
+token budget and compare them:
+
+    gpt-{l}L                 a plain GPT with l layers              (the quality target)
+    gpt-{l/2}L               a plain GPT with l/2 layers            (the latency target)
+    stag-2x{l/2}-separate    StagFormer, 2 sections of l/2 layers, separate weights
+    stag-2x{l/2}-shared      StagFormer, 2 sections sharing one stack of l/2 layers
+
+Corpus (the Python standard library) -> SentencePiece tokenizer -> Megatron indexed datasets
+(cached, reused by reruns) -> `stag train` for each model -> a table of parameters, validation
+perplexity and training tokens/s, greedy samples, and in --out: report.md, results.json,
+valid_loss.png and one checkpoint per model (usable with `stag eval --load`).
+
+    stag demo                      # about 15 minutes on a 2-core CPU
+    stag demo --size small         # a minute: the same pipeline at toy sizes (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from stag_plugin.training import arguments
+
+# Shapes and budget per size; every model of a size trains on the same tokens in the same order.
+SIZES = {
+    "default": dict(layers=8, hidden_size=128, num_attention_heads=4, seq_length=128,
+                    micro_batch_size=16, train_iters=440, lr=2e-3, min_lr=2e-4,
+                    lr_warmup_iters=44, eval_interval=110, eval_iters=8, vocab_size=4096),
+    "small": dict(layers=4, hidden_size=64, num_attention_heads=4, seq_length=64,
+                  micro_batch_size=4, train_iters=12, lr=3e-3, min_lr=3e-4,
+                  lr_warmup_iters=2, eval_interval=6, eval_iters=2, vocab_size=1024),
+}
+
+PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for key, value in ")
+
+
+@dataclass
+class ModelResult:
+    name: str
+    flags: list
+    parameters: int
+    valid_loss: float
+    valid_ppl: float
+    tokens_per_second: float
+    train_seconds: float
+    history: list
+    samples: list
+    checkpoint: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stag demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--train-iters", type=int, default=None, help="override the budget")
+    parser.add_argument("--data-path", nargs="+", default=None,
+                        help="your corpus instead of the Python standard library")
+    parser.add_argument("--data-cache-dir", type=Path, default=arguments.DEFAULT_CACHE / "data")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--sample-tokens", type=int, default=40)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv) -> int:
+    """`stag demo` (stag_plugin.cli prints a StagError as one `error: ... Fix: ...` line)."""
+    options = build_parser().parse_args(argv)
+    options.command = " ".join(["stag demo", *argv])
+    run_demo(options)
+    return 0
+
+
+def run_demo(options) -> dict:
+    size = dict(SIZES[options.size])
+    if options.train_iters is not None:
+        size["train_iters"] = options.train_iters
+    options.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, flags in model_variants(size["layers"]):
+        print(f"\n=== {name} ===", file=sys.stderr)
+        results.append(train_variant(name, flags, size, options))
+    report = write_outputs(options, size, results)
+    print(format_table(results))
+    print_samples(results)
+    print(f"\nreport: {options.out / 'report.md'}")
+    return report
+
+
+def model_variants(layers: int) -> list:
+    """(name, --stag-* and depth flags) of the four compared models."""
+    half = layers // 2
+    return [
+        (f"gpt-{layers}L", ["--num-layers", str(layers), "--stag-num-sections", "1"]),
+        (f"gpt-{half}L", ["--num-layers", str(half), "--stag-num-sections", "1"]),
+        (f"stag-2x{half}-separate", ["--num-layers", str(layers), "--stag-num-sections", "2",
+                                     "--stag-weight-sharing", "separate"]),
+        (f"stag-2x{half}-shared", ["--num-layers", str(layers), "--stag-num-sections", "2",
+                                   "--stag-weight-sharing", "shared"]),
+    ]
+
+
+def train_flags(name: str, flags: list, size: dict, options) -> list:
+    """The full `stag train` command line of one variant (recorded in results.json)."""
+    common = [
+        "--hidden-size", size["hidden_size"], "--num-attention-heads", size["num_attention_heads"],
+        "--seq-length", size["seq_length"], "--micro-batch-size", size["micro_batch_size"],
+        "--train-iters", size["train_iters"], "--lr", size["lr"], "--min-lr", size["min_lr"],
+        "--lr-warmup-iters", size["lr_warmup_iters"], "--eval-interval", size["eval_interval"],
+        "--eval-iters", size["eval_iters"], "--log-interval", 1, "--vocab-size",
+        size["vocab_size"], "--seed", options.seed, "--data-cache-dir", options.data_cache_dir,
+        "--save", options.out / "checkpoints" / name,
+    ]
+    if options.data_path:
+        common += ["--data-path", *options.data_path]
+    if options.no_progress:
+        common.append("--no-progress")
+    return [str(flag) for flag in common + flags]
+
+
+def train_variant(name: str, flags: list, size: dict, options) -> ModelResult:
+    from stag_plugin.training import train
+
+    argv = train_flags(name, flags, size, options)
+    args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(), argv))
+    _fresh_folder(args.save)
+    run = train.setup(args)
+    start = time.perf_counter()
+    try:
+        result = train.train_loop(run)
+    finally:
+        run.log.close()
+    seconds = time.perf_counter() - start
+    samples = [greedy_sample(run, prompt, options.sample_tokens) for prompt in PROMPTS]
+    return ModelResult(name=name, flags=argv, parameters=result.parameters,
+                       valid_loss=result.valid_loss, valid_ppl=math.exp(result.valid_loss),
+                       tokens_per_second=result.tokens_per_second, train_seconds=seconds,
+                       history=result.history, samples=samples, checkpoint=str(args.save))
+
+
+def greedy_sample(run, prompt: str, new_tokens: int) -> dict:
+    """Greedy continuation of `prompt` by the trained model, decoded with KV caches
+    (StagDecoder, the one token loop of stag_plugin.reference.sampling)."""
+    from stag_plugin.decode.engine import StagDecoder
+    from stag_plugin.decode.text import continue_text
+    from stag_plugin.training import runtime
+
+    model, tokenizer = runtime.unwrap(run.model[0]), run.tokenizer
+    ids = tokenizer.tokenize(prompt)
+    new_tokens = min(new_tokens, run.args.max_position_embeddings - len(ids) + 1)
+    decoder = StagDecoder(model, 1, len(ids) + new_tokens - 1)
+    new = continue_text(decoder, tokenizer, ids, new_tokens).token_ids
+    model.train()
+    return {"prompt": prompt, "completion": tokenizer.detokenize(ids + new)[len(prompt):]}
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def write_outputs(options, size: dict, results: list) -> dict:
+    report = {
+        "command": getattr(options, "command", "stag demo"),
+        "size": options.size, "settings": size, "machine": machine(),
+        "models": [asdict(r) for r in results],
+    }
+    (options.out / "results.json").write_text(json.dumps(report, indent=1))
+    plot_curves(results, size, options.out / "valid_loss.png")
+    (options.out / "report.md").write_text(markdown_report(report, results))
+    return report
+
+
+def machine() -> dict:
+    import megatron.core
+
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "megatron_core": megatron.core.__version__,
+            "cuda": torch.cuda.is_available()}
+
+
+def format_table(results: list) -> str:
+    rows = [("model", "depth", "parameters", "valid loss", "valid ppl", "train tok/s",
+             "train s")]
+    for r in results:
+        rows.append((r.name, _depth(r), f"{r.parameters / 1e6:.2f}M", f"{r.valid_loss:.4f}",
+                     f"{r.valid_ppl:.2f}", f"{r.tokens_per_second:.0f}",
+                     f"{r.train_seconds:.0f}"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_samples(results: list) -> None:
+    for r in results:
+        print(f"\n--- {r.name} (greedy) ---")
+        for sample in r.samples:
+            print(f"{sample['prompt']}\u2502{sample['completion']}\n")
+
+
+def markdown_report(report: dict, results: list) -> str:
+    ranking = " < ".join(r.name for r in sorted(results, key=lambda r: r.valid_loss))
+    lines = [
+        "# stag demo report", "",
+        f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
+        f"Budget: {report['settings']['train_iters']} iterations x "
+        f"{report['settings']['micro_batch_size']} x {report['settings']['seq_length']} tokens "
+        "per model, same data order for all.", "",
+        "| model | depth | parameters | valid loss | valid ppl | train tok/s | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(f"| {r.name} | {_depth(r)} | {r.parameters:,} | {r.valid_loss:.4f} | "
+                     f"{r.valid_ppl:.2f} | {r.tokens_per_second:.0f} | {r.train_seconds:.0f} |")
+    lines += ["", f"Validation perplexity, best first: {ranking}", "", *comparisons(results), "",
+              "![validation loss](valid_loss.png)", "", "## Greedy samples", ""]
+    for r in results:
+        lines.append(f"### {r.name}")
+        for sample in r.samples:
+            lines += ["```python", sample["prompt"] + sample["completion"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def comparisons(results: list) -> list:
+    """What the table says about the paper's claims, computed from the measured losses."""
+    by_name = {r.name: r for r in results}
+    deep, shallow, *stags = [r.name for r in results]
+    lines = [_versus(by_name[deep], by_name[shallow], "depth at this budget")]
+    for stag in stags:
+        lines.append(_versus(by_name[stag], by_name[shallow],
+                             "StagFormer vs the latency-matched GPT"))
+        lines.append(_versus(by_name[stag], by_name[deep], "StagFormer vs the same-depth GPT"))
+    return lines
+
+
+def _versus(a: ModelResult, b: ModelResult, what: str) -> str:
+    delta = a.valid_loss - b.valid_loss
+    verdict = "better" if delta < 0 else "worse"
+    return (f"- {what}: {a.name} is {verdict} than {b.name} by {abs(delta):.4f} nats/token "
+            f"(perplexity {a.valid_ppl:.2f} vs {b.valid_ppl:.2f}).")
+
+
+def plot_curves(results: list, size: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens_per_iter = size["micro_batch_size"] * size["seq_length"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        valid = [h for h in r.history if h.get("split") == "valid"]
+        train = [h for h in r.history if "lr" in h]
+        left.plot([h["iteration"] * tokens_per_iter for h in valid],
+                  [h["loss"] for h in valid], marker="o", label=r.name)
+        right.plot([h["iteration"] * tokens_per_iter for h in train],
+                   _running_mean([h["loss"] for h in train], 25), label=r.name, linewidth=1)
+    for axis, title in ((left, "validation loss"),
+                        (right, "training loss (running mean of 25 steps)")):
+        axis.set_xlabel("training tokens")
+        axis.set_ylabel("loss (nats/token)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _running_mean(values: list, window: int) -> list:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _depth(result: ModelResult) -> str:
+    layers = result.flags[result.flags.index("--num-layers") + 1]
+    sections = int(result.flags[result.flags.index("--stag-num-sections") + 1])
+    return f"{layers} layers" if sections == 1 else f"{sections} x {int(layers) // sections}"
+
+
+def _fresh_folder(path: Path) -> None:
+    """A demo rerun replaces its own checkpoints (never anything outside --out)."""
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+
