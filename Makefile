@@ -52,7 +52,7 @@ install: $(STAMP)
 install-mcore-new: $(STAMP_NEW)
 
 demo: $(STAMP)
-	$(PY) -m stag_plugin demo --out runs/demo
+	$(PY) -m stag_plugin demo --out runs/demo --overwrite
 
 lint: $(STAMP)
 	$(PY) -m ruff check stag_plugin tests bench examples

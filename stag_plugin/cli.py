@@ -9,9 +9,11 @@ its own SUBCOMMANDS table. A StagError from any command is printed as one line,
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
-from stag_plugin.errors import StagError
+from stag_plugin.errors import StagError, Stopped, disk_error
 
 COMMANDS = {
     "train": ("stag_plugin.training.train", "train a StagFormer or plain GPT on Megatron-Core"),
@@ -55,5 +57,19 @@ def main(argv=None) -> int:
     try:
         return dispatch("stag", COMMANDS, argv)
     except StagError as err:
-        print(f"stag {argv[0]}: error: {err}", file=sys.stderr)
+        if getattr(err, "report", True):  # (in a multi-rank job, one rank reports)
+            print(f"stag {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stag {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Stopped as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stag {argv[0]}: {signal.Signals(stop.signum).name}: {stop.message}",
+                  file=sys.stderr)
+        return 128 + stop.signum
+    except OSError as err:  # a full, read-only or forbidden disk: say so
+        if disk_error(err) is None:
+            raise
+        print(f"stag {argv[0]}: error: {disk_error(err)}", file=sys.stderr)
         return 2

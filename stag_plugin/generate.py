@@ -29,7 +29,7 @@ from stag_plugin.decode.engine import MODES, StagDecoder
 from stag_plugin.decode.text import Generation, continue_text
 from stag_plugin.errors import StagError
 from stag_plugin.reference.sampling import Sampler
-from stag_plugin.training import checkpointing, runtime
+from stag_plugin.training import arguments, checkpointing, runtime
 
 
 class GenerateError(StagError):
@@ -57,7 +57,7 @@ class LoadedModel:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_model(root: Union[str, Path]) -> LoadedModel:
+def load_model(root: Union[str, Path], trusted: bool = False) -> LoadedModel:
     """An inference folder, or the latest checkpoint under `root` (weights only), with its
     saved tokenizer."""
     from stag_plugin.convert.inference_folder import CONFIG_FILE
@@ -65,7 +65,7 @@ def load_model(root: Union[str, Path]) -> LoadedModel:
     root = Path(root)
     if (root / CONFIG_FILE).is_file():
         return load_inference_folder(root)
-    return load_checkpoint(root)
+    return load_checkpoint(root, trusted)
 
 
 def load_inference_folder(root: Path) -> LoadedModel:
@@ -83,10 +83,9 @@ def load_inference_folder(root: Path) -> LoadedModel:
                        loaded.config.max_sequence_length, ReferenceDecoder)
 
 
-def load_checkpoint(root: Path) -> LoadedModel:
+def load_checkpoint(root: Path, trusted: bool = False) -> LoadedModel:
     """Rebuild the latest checkpoint under `root` (weights only, one process) with its saved
     tokenizer."""
-    from stag_plugin.training import arguments
     from stag_plugin.training.data import StagTokenizer
 
     iteration, run = checkpointing.read_run(root)
@@ -100,7 +99,7 @@ def load_checkpoint(root: Path) -> LoadedModel:
     vocab = arguments.padded_vocab_size(tokenizer.vocab_size, args)
     checkpointing.check_architecture(root, arguments.architecture_of(args, vocab))
     model = runtime.build_model(args, vocab)
-    runtime.load_weights(model, root)
+    runtime.load_weights(model, root, trusted)
     return LoadedModel(runtime.unwrap(model[0]).eval(), tokenizer, root,
                        int(args.max_position_embeddings or args.seq_length), StagDecoder,
                        args=args, iteration=iteration)
@@ -172,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training checkpoint folder (stag train --save) or inference "
                              "folder (stag convert to-inference --out)")
     parser.add_argument("--prompt", required=True, help="text to continue")
+    arguments.add_trust_arg(parser)
     parser.add_argument("--mode", default="sequential", choices=MODES,
                         help="decode mode; batched / recurrent need shared weights (one "
                              "section per pipeline rank: stag_plugin.decode.pipeline under "
@@ -194,7 +194,8 @@ def main(argv) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = generate_text(options.load, options.prompt, mode=options.mode,
+    loaded = load_model(options.load, trusted=options.trust_checkpoint_code)
+    result = generate_text(loaded, options.prompt, mode=options.mode,
                            max_new_tokens=options.max_new_tokens,
                            temperature=options.temperature, top_k=options.top_k,
                            top_p=options.top_p, seed=options.seed, stop=options.stop,

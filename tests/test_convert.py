@@ -28,12 +28,14 @@ from stag_plugin.training import checkpointing, evaluate, runtime
 from convert_testing import (
     VOCAB,
     assert_convert_error,
+    convert_interrupted,
     convert_ok,
     edit_index,
     iteration_folder,
     plain_tensors,
     prepare_flags,
     random_batch,
+    resign,
     truncate_within,
 )
 from distributed import run_command
@@ -181,13 +183,19 @@ def test_missing_or_empty_checkpoint_folder(capsys, tmp_path):
 
 
 def test_truncated_tensor_file(capsys, tmp_path, damaged):
-    truncate_within(iteration_folder(damaged), "embedding.word_embeddings.weight")
+    shard = truncate_within(iteration_folder(damaged), "embedding.word_embeddings.weight")
+    assert_convert_error(capsys, ["to-inference", "--load", damaged, "--out", tmp_path / "out"],
+                         shard.name, "truncated", out=tmp_path / "out")
+    resign(iteration_folder(damaged))  # a checkpoint truncated before its manifest was written
     assert_convert_error(capsys, ["to-inference", "--load", damaged, "--out", tmp_path / "out"],
                          "truncated or corrupted", out=tmp_path / "out")
 
 
 def test_corrupted_index(capsys, tmp_path, damaged):
     (iteration_folder(damaged) / ".metadata").write_bytes(b"\x80\x04 not a pickle")
+    assert_convert_error(capsys, ["to-inference", "--load", damaged, "--out", tmp_path / "out"],
+                         ".metadata", "truncated or overwritten", out=tmp_path / "out")
+    resign(iteration_folder(damaged))
     assert_convert_error(capsys, ["to-inference", "--load", damaged, "--out", tmp_path / "out"],
                          ".metadata", "truncated or corrupted", out=tmp_path / "out")
 
@@ -223,11 +231,13 @@ def test_run_record_that_does_not_describe_the_tensors(capsys, tmp_path, damaged
     record = json.loads(run_file.read_text())
     record["args"]["stag_num_sections"] = record["architecture"]["stag_num_sections"] = 4
     run_file.write_text(json.dumps(record))
+    resign(iteration_folder(damaged))
     assert_convert_error(capsys, ["to-inference", "--load", damaged, "--out", tmp_path / "out"],
                          "do not fit the model its configuration describes", "missing tensors",
                          out=tmp_path / "out")
     record["args"]["stag_num_sections"] = 2  # the architecture still says 4
     run_file.write_text(json.dumps(record))
+    resign(iteration_folder(damaged))
     assert_convert_error(capsys, ["reshard", "--load", damaged, "--out", tmp_path / "out"],
                          "contradicts itself", "stag_num_sections", out=tmp_path / "out")
 
@@ -261,15 +271,13 @@ def test_interrupted_to_inference_leaves_no_output(monkeypatch, tmp_path, tp2pp2
         raise KeyboardInterrupt  # ...and the process is interrupted before the rest
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        convert_ok("to-inference", "--load", tp2pp2, "--out", tmp_path / "new")
+    convert_interrupted("to-inference", "--load", tp2pp2, "--out", tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "config.json").write_text("{}")
     before = snapshot(existing)
-    with pytest.raises(KeyboardInterrupt):
-        convert_ok("to-inference", "--load", tp2pp2, "--out", existing, "--overwrite")
+    convert_interrupted("to-inference", "--load", tp2pp2, "--out", existing, "--overwrite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
     assert snapshot(existing) == before
 
@@ -284,8 +292,7 @@ def test_interrupted_reshard_leaves_no_output(monkeypatch, tmp_path, tp2pp2):
     (existing / "latest_checkpointed_iteration.txt").write_text("7\n")
     before = snapshot(existing)
     for out, extra in ((tmp_path / "new", []), (existing, ["--overwrite"])):
-        with pytest.raises(KeyboardInterrupt):
-            convert_ok("reshard", "--load", tp2pp2, "--out", out, *extra)
+        convert_interrupted("reshard", "--load", tp2pp2, "--out", out, *extra)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
     assert snapshot(existing) == before
 

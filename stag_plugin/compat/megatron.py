@@ -12,6 +12,7 @@ Contents:
     apply_rope             Megatron's apply_rotary_pos_emb, behind one signature
     name_kwargs            the `name=` keyword Megatron (0.19+) gives modules built from specs
     read_common_state      a checkpoint's common (non-tensor) state, as bytes, in either layout
+    install_saver_queue    Megatron's checkpoint-saver queue, in a process that dies with ours
     model_parallel_rng     the model-parallel RNG fork on CUDA, a no-op on CPU
     initialize_single_process   a world of one process (gloo) for notebooks, probes and tests
     megatron_lm_pretrain_api    which calling convention Megatron-LM's `pretrain()` has
@@ -240,6 +241,18 @@ class _RawBytesPlanner(torch.distributed.checkpoint.DefaultLoadPlanner):
 
     def load_bytes(self, read_item, value) -> None:
         self.raw[read_item.dest_index.fqn] = value.read()
+
+
+def install_saver_queue() -> None:
+    """Give Megatron's checkpoint saver (dist_checkpointing.strategies.filesystem_async, a
+    module global in 0.16 - 0.19) a results queue whose server process dies with this one
+    (stag_plugin.compat.children), instead of the Manager it would start on first use."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from stag_plugin.compat.children import saver_results_queue
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = saver_results_queue()
 
 
 # ---------------------------------------------------------------------------- Megatron-LM

@@ -26,6 +26,7 @@ import argparse
 import copy
 from pathlib import Path
 
+from stag_plugin.compat.pickles import checkpoint_reads
 from stag_plugin.convert import gpt_source, recipes, source
 from stag_plugin.convert.common import ConvertError, check_out, say, staged_output
 
@@ -43,9 +44,7 @@ def build_parser(prog: str = "stag convert from-gpt") -> argparse.ArgumentParser
     parser.add_argument("--recipe", choices=recipes.RECIPES, required=True)
     parser.add_argument("--tokenizer-model", type=Path, default=None,
                         help="SentencePiece model (Megatron-LM sources only)")
-    parser.add_argument("--trust-checkpoint-code", action="store_true",
-                        help="Megatron-LM sources: unpickle the common state fully (it may hold "
-                             "arbitrary Python objects); only for checkpoints you trust")
+    arguments.add_trust_arg(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true")
     arguments.add_stag_args(parser)
@@ -54,7 +53,9 @@ def build_parser(prog: str = "stag convert from-gpt") -> argparse.ArgumentParser
 
 
 def main(argv) -> int:
-    run(build_parser().parse_args(argv))
+    options = build_parser().parse_args(argv)
+    with checkpoint_reads(trusted=options.trust_checkpoint_code):
+        run(options)
     return 0
 
 

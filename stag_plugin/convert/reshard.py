@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from stag_plugin.compat.pickles import checkpoint_reads
 from stag_plugin.convert import source
 from stag_plugin.convert.common import ConvertError, check_out, partial_path, say
-from stag_plugin.training import runtime
+from stag_plugin.training import arguments, runtime
 
 
 @dataclass
@@ -62,24 +63,24 @@ def build_parser(prog: str = "stag convert reshard") -> argparse.ArgumentParser:
     parser.add_argument("--no-load-optim", action="store_true",
                         help="write a fresh optimizer state instead of resharding the source's")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    arguments.add_trust_arg(parser)
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def main(argv) -> int:
     options = build_parser().parse_args(argv)
-    plan = prepare(options)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and plan.size > 1:
-        launch(argv, options, plan.size)
-    else:
-        reshard(options, plan)
+    with checkpoint_reads(trusted=options.trust_checkpoint_code):
+        plan = prepare(options)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 and plan.size > 1:
+            launch(argv, options, plan.size)
+        else:
+            reshard(options, plan)
     return 0
 
 
 def prepare(options: argparse.Namespace) -> Plan:
     """Every check that needs no process group: source, layout, vocabulary, output."""
-    from stag_plugin.training import arguments
-
     ckpt = source.locate(options.load)
     record = source.read_record(ckpt)
     source.check_record(record, runtime.saved_args(record), ckpt.folder)
@@ -175,7 +176,7 @@ def build(plan: Plan) -> Target:
 def load_source(target: Target, plan: Plan, options: argparse.Namespace) -> None:
     """Load the source checkpoint into the new layout (model, optimizer, scheduler, counters);
     the RNG streams of another layout do not map onto this one and are not read."""
-    from megatron.core import dist_checkpointing
+    from stag_plugin.training import checkpointing
 
     optimizer = target.optimizer if plan.with_optimizer else None
     sharded = runtime.checkpoint_state(target.model, optimizer, target.scheduler, rng=False,
@@ -183,7 +184,8 @@ def load_source(target: Target, plan: Plan, options: argparse.Namespace) -> None
     if _rank() == 0 and not options.no_progress:
         say(f"loading {plan.ckpt.folder} at TP {plan.args.tensor_model_parallel_size} x PP "
             f"{plan.args.pipeline_model_parallel_size}")
-    state = dist_checkpointing.load(sharded, str(plan.ckpt.folder))
+    state = checkpointing.load_folder(plan.ckpt.folder, sharded,
+                                      trusted=options.trust_checkpoint_code)
     runtime.unwrap(target.model[0]).load_state_dict(state["model"])
     if plan.with_optimizer:
         target.optimizer.load_state_dict(state["optimizer"])

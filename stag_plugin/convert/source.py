@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -29,8 +28,10 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from stag_plugin.compat import megatron as compat
+from stag_plugin.compat.pickles import load_payload
 from stag_plugin.convert.common import ConvertError, say
-from stag_plugin.training import checkpointing
+from stag_plugin.errors import StagError
+from stag_plugin.training import checkpointing, integrity
 
 NON_MODEL_PREFIXES = ("optimizer.",)  # everything else in the tensor index is a model tensor
 INDEX_FILE = ".metadata"
@@ -87,6 +88,7 @@ def locate(load: Path) -> Checkpoint:
                            f"{INDEX_FILE} tensor index)",
                            "pass a folder written by stag train or Megatron-LM (torch_dist "
                            "format); an interrupted save leaves an .incomplete folder instead")
+    integrity.verify_manifest(ckpt.folder)  # before any tensor is read
     return ckpt
 
 
@@ -135,6 +137,8 @@ def tensor_index(folder: Path) -> TensorIndex:
 
     try:
         metadata = FileSystemReader(str(folder)).read_metadata()
+    except StagError:  # a refused type (stag_plugin.compat.pickles)
+        raise
     except Exception as err:  # unpickling a damaged index raises almost anything
         raise _corrupted(folder / INDEX_FILE, err) from err
     return {key: (tuple(entry.size), entry.properties.dtype)
@@ -224,50 +228,28 @@ def _corrupted(path: Path, err: Exception) -> ConvertError:
 def read_common(folder: Path, trusted: bool = False) -> dict:
     """The checkpoint's common state (the non-tensor entries: Megatron-LM stores its args there;
     common.pt or, from megatron-core 0.19, an entry of the distributed checkpoint), unpickled
-    with torch's weights-only loader plus the types Megatron-LM puts in it; `trusted`: full
-    unpickling (arbitrary Python objects, as Megatron-LM itself loads it)."""
+    with torch's weights-only loader and Megatron's safe types (stag_plugin.compat.pickles);
+    `trusted`: full unpickling (arbitrary Python objects, as Megatron-LM itself loads it)."""
     try:
         stored = compat.read_common_state(folder)
     except FileNotFoundError as err:
         raise ConvertError(f"the common state is missing: {err}",
                            "pass a complete distributed checkpoint") from err
+    except StagError:
+        raise
     except Exception as err:
         raise _corrupted(folder, err) from err
+    full = lambda payload: torch.load(io.BytesIO(payload), map_location="cpu",
+                                      weights_only=False)
     try:
-        common = stored.load(partial(_unpickle, trusted=trusted))
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:
-            raise _corrupted(stored.where, err) from err
-        raise ConvertError(
-            f"{stored.where} holds a Python object of type {found.group(1)}, which the safe "
-            "(weights-only) loader does not accept",
-            "if you trust this checkpoint, rerun with --trust-checkpoint-code (full unpickling, "
-            "as Megatron-LM loads it)") from err
+        common = stored.load(full if trusted else partial(load_payload, where=stored.where))
+    except StagError:
+        raise
     except Exception as err:
         raise _corrupted(stored.where, err) from err
     if not isinstance(common, dict):
         raise ConvertError(f"{stored.where} does not hold a dict", "pass a Megatron checkpoint")
     return common
-
-
-def _unpickle(payload: bytes, trusted: bool):
-    if trusted:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-
-
-def _safe_globals() -> list:
-    """Megatron-Core's own list of types it considers safe in a checkpoint's common state
-    (`megatron.core.safe_globals`), plus argparse.Namespace and the enums Megatron-LM's args
-    may hold."""
-    from megatron.core.enums import Fp4Recipe, Fp8Recipe, ModelType
-    from megatron.core.safe_globals import SAFE_GLOBALS
-    from megatron.core.transformer.enums import AttnBackend, AttnMaskType, LayerType
-
-    return [argparse.Namespace, AttnBackend, AttnMaskType, LayerType, ModelType, Fp8Recipe,
-            Fp4Recipe, *SAFE_GLOBALS]
 
 
 # ---------------------------------------------------------------------------- verification

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from stag_plugin.compat.pickles import checkpoint_reads
 from stag_plugin.convert import source
 from stag_plugin.convert.common import ConvertError, check_out, say
 from stag_plugin.reference import name_map
-from stag_plugin.training import runtime
+from stag_plugin.training import arguments, runtime
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
@@ -34,12 +35,15 @@ def build_parser(prog: str = "stag convert to-inference") -> argparse.ArgumentPa
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32",
                         help="dtype of the stored weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    arguments.add_trust_arg(parser)
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def main(argv) -> int:
-    run(build_parser().parse_args(argv))
+    options = build_parser().parse_args(argv)
+    with checkpoint_reads(trusted=options.trust_checkpoint_code):
+        run(options)
     return 0
 
 
@@ -67,7 +71,6 @@ def run(options: argparse.Namespace) -> Path:
 def reference_config(args: argparse.Namespace, record: dict):
     """The reference model's config for this run (layout-independent)."""
     from stag_plugin.reference.model import ReferenceConfig
-    from stag_plugin.training import arguments
 
     config = arguments.config_from_args(args)
     try:

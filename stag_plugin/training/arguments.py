@@ -129,6 +129,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--test-fraction", type=float, default=0.05)
 
 
+# A rank that stopped answering ends the job after this long (Megatron-LM's default on GPUs;
+# a CPU job's collectives take seconds, so it need not wait ten minutes to notice).
+DEFAULT_TIMEOUT_MINUTES = 10.0 if torch.cuda.is_available() else 2.0
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training (Megatron-LM names)")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -151,16 +156,22 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=50)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--save", type=Path, default=None, help="checkpoint folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--save may hold another run: its checkpoints are replaced (removed once "
+                        "this run has saved its first one) and its metrics log restarted")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", type=Path, default=None, help="resume from this checkpoint folder")
     g.add_argument("--no-load-optim", action="store_true")
+    add_trust_arg(g)
     g.add_argument("--finetune", action="store_true",
                    help="on --load, take the model weights only: iteration 0, fresh optimizer")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks (Megatron's "
                         "DistributedOptimizer)")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                   help="a collective waiting longer than this (e.g. on a dead rank) fails")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+                   help="a collective waiting longer than this for a rank that stopped "
+                        "answering fails, naming the rank (default: Megatron-LM's 10 minutes "
+                        "on GPUs, 2 on CPU)")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on --load, use this command's learning-rate schedule flags instead of "
@@ -170,6 +181,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-log", type=Path, default=None,
                    help="JSON-lines log (default: <save>/metrics.jsonl when --save is given)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+TRUST_HELP = ("unpickle the checkpoint fully instead of admitting only the types torch and "
+              "Megatron write there: a crafted checkpoint can then run code. Only for "
+              "checkpoints whose origin you trust")
+
+
+def add_trust_arg(parser) -> None:
+    """--trust-checkpoint-code, for every command that loads a checkpoint."""
+    parser.add_argument("--trust-checkpoint-code", action="store_true", help=TRUST_HELP)
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -191,21 +212,82 @@ def load_preset(path: Path, parser: argparse.ArgumentParser) -> dict:
     if not Path(path).is_file():
         raise StagError(f"--config {path}: no such file", "pass a YAML file such as "
                          "configs/tiny_cpu.yaml")
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise StagError(f"--config {path} is not valid YAML{where} "
+                        f"({getattr(err, 'problem', None) or err})",
+                        "fix the file: one `flag_name: value` per line") from err
     if not isinstance(values, dict):
         raise StagError(f"--config {path}: expected a mapping of flag names to values",
                         "write one `flag_name: value` per line, e.g. `num_layers: 4`")
-    known = {action.dest for action in parser._actions}
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions}
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise StagError(f"--config {path}: unknown keys {unknown}", "use flag names "
                          "without dashes, e.g. `num_layers: 4` for --num-layers")
-    return values
+    return {key: preset_value(path, key, value, actions[key]) for key, value in values.items()}
+
+
+def preset_value(path, key: str, value, action: argparse.Action):
+    """A preset's `key: value`, checked against the flag's type the way its command-line form
+    is (a YAML boolean for a switch, an integer for an int flag, ...), and converted."""
+    if value is None:
+        return None
+    expected = _expected_type(action)
+    if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0):
+        items = value if isinstance(value, list) else [value]
+        return [_typed(path, key, item, action, expected) for item in items]
+    return _typed(path, key, value, action, expected)
+
+
+def _expected_type(action: argparse.Action):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
+        return bool
+    return action.type or str
+
+
+def _typed(path, key: str, value, action, expected):
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), Path: lambda v: isinstance(v, str)}[expected]
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             Path: "a path (a string)"}
+    if not ok(value) or (action.choices is not None and value not in action.choices):
+        wanted = (f"one of {list(action.choices)}" if action.choices is not None
+                  else names[expected])
+        raise StagError(f"--config {path}: {key}: {value!r} ({type(value).__name__}) is not "
+                        f"{wanted}", f"write `{key}: <{wanted}>`")
+    return Path(value) if expected is Path else (float(value) if expected is float else value)
+
+
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_ABOVE_0 = (lambda v: v > 0, "> 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+# Values torch would only reject deep inside the optimizer or the model, checked up front.
+RANGES = {"lr": _AT_LEAST_0, "min_lr": _AT_LEAST_0, "weight_decay": _AT_LEAST_0,
+          "clip_grad": _AT_LEAST_0, "adam_beta1": _FRACTION, "adam_beta2": _FRACTION,
+          "adam_eps": _ABOVE_0, "init_method_std": _ABOVE_0, "hidden_dropout": _FRACTION,
+          "attention_dropout": _FRACTION, "valid_fraction": _FRACTION,
+          "test_fraction": _FRACTION}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    for name, (valid, span) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and valid(value)):
+            raise StagError(f"--{name.replace('_', '-')} {value} is out of range",
+                            f"pass a value {span}")
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults the way Megatron-LM does; reject inconsistent training flags."""
+    check_ranges(args)
     for flag in ("train_iters", "seq_length", "micro_batch_size", "eval_iters", "log_interval",
                  "eval_interval"):
         if getattr(args, flag) < 1:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from stag_plugin.errors import StagError
 from stag_plugin.training import arguments
 
 # Shapes and budget per size; every model of a size trains on the same tokens in the same order.
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--sample-tokens", type=int, default=40)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out may hold an earlier demo's report and checkpoints: replace "
+                             "them")
     return parser
 
 
@@ -83,6 +87,10 @@ def run_demo(options) -> dict:
     size = dict(SIZES[options.size])
     if options.train_iters is not None:
         size["train_iters"] = options.train_iters
+    held = [p.name for p in (options.out / "report.md", options.out / "checkpoints") if p.exists()]
+    if held and not options.overwrite:
+        raise StagError(f"--out {options.out} already holds a demo ({', '.join(held)})",
+                        "pass --overwrite to replace it, or another --out folder")
     options.out.mkdir(parents=True, exist_ok=True)
     results = []
     for name, flags in model_variants(size["layers"]):
@@ -131,7 +139,7 @@ def train_variant(name: str, flags: list, size: dict, options) -> ModelResult:
 
     argv = train_flags(name, flags, size, options)
     args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(), argv))
-    _fresh_folder(args.save)
+    _fresh_folder(args.save)  # (only inside --out, which --overwrite allowed)
     run = train.setup(args)
     start = time.perf_counter()
     try:
@@ -290,7 +298,7 @@ def _depth(result: ModelResult) -> str:
 
 
 def _fresh_folder(path: Path) -> None:
-    """A demo rerun replaces its own checkpoints (never anything outside --out)."""
+    """A demo run's checkpoint folder starts empty (it lies inside --out)."""
     import shutil
 
     if path.exists():

@@ -15,12 +15,13 @@ import math
 import os
 from pathlib import Path
 
-from stag_plugin.training import checkpointing, runtime
+from stag_plugin.training import arguments, checkpointing, runtime
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stag eval", description=__doc__.split("\n")[0])
     parser.add_argument("--load", type=Path, required=True, help="checkpoint folder (--save)")
+    arguments.add_trust_arg(parser)
     parser.add_argument("--split", choices=("valid", "test"), default="valid")
     parser.add_argument("--eval-iters", type=int, default=None,
                         help="batches to evaluate, of the run's --global-batch-size samples "
@@ -49,7 +50,7 @@ def main(argv) -> int:
 
 def evaluate_checkpoint(options: argparse.Namespace) -> dict:
     """Load the checkpoint's model weights and evaluate it on one split of its corpus."""
-    from stag_plugin.training import arguments, train
+    from stag_plugin.training import train
 
     iteration, run = checkpointing.read_run(options.load)
     args = runtime.saved_args(run, options.tensor_model_parallel_size,
@@ -64,7 +65,7 @@ def evaluate_checkpoint(options: argparse.Namespace) -> dict:
     vocab = arguments.padded_vocab_size(tokenizer.vocab_size, args)
     checkpointing.check_architecture(options.load, arguments.architecture_of(args, vocab))
     model = runtime.build_model(args, vocab)
-    runtime.load_weights(model, options.load)
+    runtime.load_weights(model, options.load, trusted=options.trust_checkpoint_code)
     dataset = split_dataset(args, data, tokenizer, options.split)
     batches = options.eval_iters or max(1, len(dataset) // args.global_batch_size)
     loss = train.evaluate(model, dataset, args, batches)

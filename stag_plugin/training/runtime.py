@@ -208,9 +208,11 @@ def checkpoint_state(model: list, optimizer=None, scheduler=None, iteration: int
     return state
 
 
-def load_weights(model: list, root: Path) -> int:
-    """Load the latest checkpoint's model weights under this run's layout (resharded)."""
+def load_weights(model: list, root: Path, trusted: bool = False) -> int:
+    """Load the latest checkpoint's model weights under this run's layout (resharded);
+    `trusted`: unpickle it fully (--trust-checkpoint-code)."""
     inner = unwrap(model[0])
-    iteration, state = checkpointing.load_checkpoint(root, {"model": inner.sharded_state_dict()})
+    iteration, state = checkpointing.load_checkpoint(root, {"model": inner.sharded_state_dict()},
+                                                     trusted)
     inner.load_state_dict(state["model"])
     return iteration

@@ -27,8 +27,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from stag_plugin.errors import StagError
-from stag_plugin.training import arguments, checkpointing, runtime
+from stag_plugin.errors import StagError, Stopped
+from stag_plugin.training import arguments, checkpointing, liveness, runtime
 
 
 @dataclass
@@ -59,6 +59,8 @@ class Run:
     log: "MetricsLog"
     iteration: int = 0
     consumed_samples: int = 0
+    saved_iteration: Optional[int] = None  # the last iteration this run saved (or resumed)
+    replaced_old_run: bool = False  # --overwrite: the --save folder's older checkpoints removed
 
 
 # ---------------------------------------------------------------------------- command line
@@ -80,12 +82,65 @@ def main(argv) -> int:
 
 
 def train(args: argparse.Namespace) -> TrainResult:
-    """Run (or resume) one training job as `args` describe; returns its results."""
-    run = setup(args)
-    try:
-        return train_loop(run)
-    finally:
-        run.log.close()
+    """Run (or resume) one training job as `args` describe; returns its results. SIGINT and
+    SIGTERM stop it (errors.Stopped, saying what was kept); a rank that stops answering ends
+    it with a StagError naming that rank."""
+    with liveness.stop_signals() as stop:
+        run = setup(args)
+        beats = liveness.Heartbeats() if _world_size() > 1 else None
+        try:
+            return train_loop(run, stop.check)
+        except Stopped as stop:
+            raise Stopped(stop.signum, f"stopped at iteration {run.iteration}; "
+                                       f"{_kept(args)}") from None
+        except RuntimeError as err:  # a collective failed: name the ranks that went quiet
+            quiet = beats.silent() if beats is not None else []
+            if not quiet:
+                raise
+            raise _quiet_ranks(args, run, quiet) from err
+        finally:
+            run.log.close()
+            if beats is not None:
+                beats.stop()
+
+
+def _kept(args) -> str:
+    latest = checkpointing.latest_iteration(args.save) if args.save is not None else None
+    if latest is None:
+        return "no checkpoint was saved"
+    folder = checkpointing.iteration_dir(args.save, latest)
+    return f"kept: {folder} (resume with --load {args.save})"
+
+
+def _quiet_ranks(args, run: Run, quiet: list) -> StagError:
+    error = StagError(f"rank{'s' if len(quiet) > 1 else ''} {', '.join(map(str, quiet))} "
+                      f"stopped answering (no heartbeat for over "
+                      f"{5 * liveness.HEARTBEAT_SECONDS:.0f} s) at iteration {run.iteration}; "
+                      f"the job ends. {_kept(args)}",
+                      "check the process and node of that rank, then resume with --load")
+    reporter = min(set(range(_world_size())) - set(quiet))
+    error.report = torch.distributed.get_rank() == reporter  # one line for the whole job
+    return error
+
+
+def _wait_for_rank0(key: str) -> None:
+    """Rank 0 announces `key` in the job's store; the other ranks wait for it without the
+    collective timeout (rank 0's data preparation may take longer than that)."""
+    if _world_size() == 1:
+        return
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    if torch.distributed.get_rank() == 0:
+        store.set(key, "1")
+    else:
+        store.wait([key], timedelta(days=1))
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 # ---------------------------------------------------------------------------- setup
@@ -94,17 +149,19 @@ def train(args: argparse.Namespace) -> TrainResult:
 def setup(args: argparse.Namespace) -> Run:
     """Validate everything that can be wrong before any output is written, then build."""
     config = arguments.config_from_args(args)
+    check_save_target(args)
     runtime.start(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                   args.distributed_timeout_minutes, seed=args.seed)
     data, tokenizer = prepare_tokenized_data(args)
     vocab = arguments.padded_vocab_size(tokenizer.vocab_size, args)
     if args.load is not None:
         check_load_target(args, vocab)
+        check_resume_data(args, data)
     model = runtime.build_model(args, vocab, config)
     optimizer, scheduler = runtime.build_optimizer(args, model)
     train_ds, valid_ds = build_datasets(args, data, tokenizer)
     run = Run(args, config, data, tokenizer, train_ds, valid_ds, model, optimizer, scheduler,
-              MetricsLog(metrics_path(args)))
+              MetricsLog(metrics_path(args), fresh=args.overwrite))
     if args.load is not None and checkpointing.latest_iteration(args.load) is not None:
         resume(run)
     return run
@@ -119,11 +176,45 @@ def prepare_tokenized_data(args):
                             valid_fraction=args.valid_fraction,
                             test_fraction=args.test_fraction, json_key=args.json_keys[0],
                             progress=not args.no_progress)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    _wait_for_rank0("stag_data_ready")  # however long preparing takes (no collective timeout)
     if not _is_logging_rank():
         data = PreparedData.from_manifest(args.data_cache_dir)
     return data, StagTokenizer.load(data.tokenizer_path)
+
+
+def check_save_target(args) -> None:
+    """--save may hold another run only when --load names it (resume) or with --overwrite."""
+    if args.save is None or args.overwrite or (
+            args.load is not None and Path(args.load).resolve() == Path(args.save).resolve()):
+        return
+    held = checkpointing.saved_iterations(args.save)
+    if held:
+        raise StagError(f"--save {args.save} already holds a run (checkpoints of iterations "
+                        f"{', '.join(map(str, held[-3:]))})",
+                        f"resume it with --load {args.save}, pick a new --save folder, or pass "
+                        "--overwrite to replace its checkpoints")
+
+
+def check_resume_data(args, data) -> None:
+    """A resume reads the data and tokenizer the checkpoint was trained on: another tokenizer
+    would give the trained embeddings other token ids; other data (without --finetune) would
+    not continue the run."""
+    iteration, run = checkpointing.read_run(args.load)
+    saved = checkpointing.iteration_dir(args.load, iteration) / checkpointing.TOKENIZER_FILE
+    flags = {f: run["args"].get(f) for f in ("data_path", "vocab_size", "json_keys")}
+    if saved.is_file() and saved.read_bytes() != Path(data.tokenizer_path).read_bytes():
+        raise StagError(f"the tokenizer of this run's data is not the one saved with --load "
+                        f"{args.load} (the checkpoint was trained with {flags})",
+                        "pass the checkpoint's data flags")
+    if not args.finetune and _paths(run["args"].get("data_path")) != _paths(args.data_path):
+        raise StagError(f"resuming {args.load} on other data: --data-path {args.data_path} "
+                        f"(checkpoint: {run['args'].get('data_path')})",
+                        "pass the checkpoint's --data-path, or --finetune to train the loaded "
+                        "weights on other data")
+
+
+def _paths(paths) -> Optional[list]:
+    return None if paths is None else [str(Path(p).resolve()) for p in paths]
 
 
 def check_load_target(args, vocab: int) -> None:
@@ -156,7 +247,9 @@ def build_datasets(args, data, tokenizer):
 # ---------------------------------------------------------------------------- the loop
 
 
-def train_loop(run: Run) -> TrainResult:
+def train_loop(run: Run, check_stop=lambda: None) -> TrainResult:
+    """Train to --train-iters (or --exit-interval); `check_stop` runs after every step and its
+    save (liveness.StopRequest.check raises there when the job was asked to stop)."""
     args = run.args
     timer = StepTimer(args.global_batch_size * args.seq_length)
     bar = progress_bar(run)
@@ -174,11 +267,13 @@ def train_loop(run: Run) -> TrainResult:
             run_validation(run, bar)
         if _should_save(args, run.iteration):
             save(run)
+        check_stop()
         if args.exit_interval and run.iteration % args.exit_interval == 0:
             break
     bar.close()
     valid_loss = run_validation(run, None)
-    checkpoint = save(run) if args.save is not None and not _saved_at(args, run) else None
+    saved = run.saved_iteration == run.iteration
+    checkpoint = save(run) if args.save is not None and not saved else None
     return TrainResult(parameters=count_parameters(run.model), iterations=run.iteration,
                        valid_loss=valid_loss, tokens_per_second=timer.tokens_per_second(),
                        history=run.log.records,
@@ -339,6 +434,10 @@ def save(run: Run) -> Path:
                         {"vocab_size": run.tokenizer.vocab_size, "eod": run.tokenizer.eod})
     path = checkpointing.save_checkpoint(args.save, run.iteration, checkpoint_state(run), record,
                                          tokenizer_model=Path(run.data.tokenizer_path))
+    run.saved_iteration = run.iteration
+    if args.overwrite and not run.replaced_old_run:  # the new run's first checkpoint exists now
+        checkpointing.remove_iterations(args.save, keep=run.iteration)
+        run.replaced_old_run = True
     run.log.write(iteration=run.iteration, event="save", path=str(path))
     return path
 
@@ -346,12 +445,13 @@ def save(run: Run) -> Path:
 def resume(run: Run) -> None:
     """Restore model, optimizer, scheduler, data position and RNG from --load (with
     --finetune: the model weights only, starting at iteration 0)."""
+    trusted = run.args.trust_checkpoint_code
     if run.args.finetune:
-        runtime.load_weights(run.model, run.args.load)
+        runtime.load_weights(run.model, run.args.load, trusted)
         run.log.write(iteration=0, event="load-weights", path=str(run.args.load))
         return
     iteration, state = checkpointing.load_checkpoint(run.args.load,
-                                                     checkpoint_state(run, loading=True))
+                                                     checkpoint_state(run, loading=True), trusted)
     runtime.unwrap(run.model[0]).load_state_dict(state["model"])
     if "optimizer" in state:
         run.optimizer.load_state_dict(state["optimizer"])
@@ -359,6 +459,9 @@ def resume(run: Run) -> None:
     if "rng_state" in state:
         checkpointing.set_rng_state(state["rng_state"])
     run.iteration, run.consumed_samples = iteration, int(state["consumed_samples"])
+    if run.args.save is not None and Path(run.args.save).resolve() == Path(
+            run.args.load).resolve():
+        run.saved_iteration = iteration  # that checkpoint is this run's own
     run.log.write(iteration=iteration, event="load", path=str(run.args.load))
 
 
@@ -370,26 +473,26 @@ def _should_save(args, iteration: int) -> bool:
     return bool(at_interval or at_exit)
 
 
-def _saved_at(args, run: Run) -> bool:
-    return checkpointing.latest_iteration(args.save) == run.iteration
-
-
 # ---------------------------------------------------------------------------- logging
 
 
 class MetricsLog:
-    """Appends one JSON object per record to a JSON-lines file (rank 0) and keeps them."""
+    """Appends one JSON object per record to a JSON-lines file (rank 0) and keeps them;
+    `fresh`: the file is started anew, at the first record (a run that fails before logging
+    anything leaves it as it was)."""
 
-    def __init__(self, path: Optional[Path]):
+    def __init__(self, path: Optional[Path], fresh: bool = False):
         self.records = []
         self.file = None
-        if path is not None and _is_logging_rank():
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")
+        self.path = path if path is not None and _is_logging_rank() else None
+        self.mode = "w" if fresh else "a"
 
     def write(self, **record) -> None:
         record = {k: v for k, v in record.items() if v is not None}
         self.records.append(record)
+        if self.path is not None and self.file is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, self.mode, encoding="utf-8")
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()

@@ -1,0 +1,124 @@
+"""Bounded failure: SIGTERM stops training with one line saying what was kept, and no child
+process outlives `stag train` (also after SIGKILL); a frozen rank ends a multi-rank job within
+the distributed timeout plus torchrun's shutdown, with one message naming the rank."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stag_plugin.compat.megatron import free_port
+
+from stag_testing import small_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory) -> list:
+    corpus = small_corpus(tmp_path_factory, "liveness")
+    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--vocab-size", "512",
+            "--data-path", str(corpus), "--data-cache-dir", str(tmp_path_factory.mktemp("data")),
+            "--valid-fraction", "0.2", "--test-fraction", "0.2", "--lr-warmup-iters", "1",
+            "--eval-iters", "1", "--eval-interval", "1000", "--no-progress",
+            "--train-iters", "100000", "--save-interval", "2"]
+
+
+def start(argv: list, env_extra: dict = None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items()  # (this process's own single-rank world)
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for(predicate, seconds: float, process: subprocess.Popen) -> None:
+    deadline = time.time() + seconds
+    while not predicate():
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.2)
+
+
+def descendants(pid: int) -> list:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def gone(processes: list, seconds: float = 10.0) -> list:
+    """The processes still alive after `seconds`."""
+    _, alive = psutil.wait_procs(processes, timeout=seconds)
+    return alive
+
+
+def test_sigterm_stops_training_cleanly(tmp_path, flags):
+    save = tmp_path / "run"
+    trainer = start(["-m", "stag_plugin", "train", *flags, "--save", str(save)])
+    try:
+        wait_for(lambda: (save / "latest_checkpointed_iteration.txt").exists(), 240, trainer)
+        children = descendants(trainer.pid)
+        assert children, "the checkpoint saver's process was expected"
+        trainer.send_signal(signal.SIGTERM)
+        output, _ = trainer.communicate(timeout=120)
+        assert trainer.returncode == 128 + signal.SIGTERM, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        lines = [line for line in output.splitlines() if line.startswith("stag train: SIGTERM:")]
+        assert len(lines) == 1 and "kept: " in lines[0] and str(save) in lines[0], output[-2000:]
+        assert not gone(children), "a child process outlived stag train"
+        assert not list(save.glob("*.incomplete"))
+    finally:
+        kill_group(trainer)
+
+
+def test_sigkill_takes_the_saver_process_with_it(tmp_path, flags):
+    save = tmp_path / "run"
+    trainer = start(["-m", "stag_plugin", "train", *flags, "--save", str(save)])
+    try:
+        wait_for(lambda: (save / "latest_checkpointed_iteration.txt").exists(), 240, trainer)
+        children = descendants(trainer.pid)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.communicate(timeout=60)
+        assert not gone(children), "a child process outlived the killed trainer"
+    finally:
+        kill_group(trainer)
+
+
+def test_a_frozen_rank_ends_the_job_naming_it(tmp_path, flags):
+    """Two data-parallel ranks; rank 1 is frozen (SIGSTOP) mid-run. The job ends within the
+    distributed timeout (here 0.3 minutes) plus torchrun's shutdown, and one line names rank 1."""
+    save = tmp_path / "run"
+    job = start(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                 str(free_port()), "-m", "stag_plugin", "train", *flags, "--save", str(save),
+                 "--distributed-timeout-minutes", "0.3", "--global-batch-size", "4"])
+    frozen = None
+    try:
+        wait_for(lambda: (save / "latest_checkpointed_iteration.txt").exists(), 300, job)
+        ranks = {p.environ().get("RANK"): p for p in descendants(job.pid)
+                 if p.environ().get("RANK") is not None and "stag_plugin" in " ".join(p.cmdline())}
+        frozen = ranks["1"]
+        frozen.send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        output, _ = job.communicate(timeout=240)
+        elapsed = time.time() - stopped_at
+        named = [line for line in output.splitlines() if "stopped answering" in line]
+        assert len(named) == 1 and "rank 1 stopped answering" in named[0], output[-4000:]
+        assert named[0].lstrip("[default0]:").startswith("stag train: error: "), named[0]
+        assert elapsed < 0.3 * 60 + 90, elapsed
+    finally:
+        if frozen is not None:
+            with __import__("contextlib").suppress(psutil.Error):
+                frozen.send_signal(signal.SIGKILL)
+        kill_group(job)
