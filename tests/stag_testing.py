@@ -125,3 +125,30 @@ def snapshot(folder: Path) -> dict:
             stat, digest = path.stat(), hashlib.sha256(path.read_bytes()).hexdigest()
             out[key] = (stat.st_size, stat.st_mtime_ns, digest)
     return out
+
+
+def tiny_train_flags(corpus: Path, data_cache: Path, vocab: int) -> list:
+    """`stag train` flags of a 2 x 2-layer, hidden-32 StagFormer on `corpus` (20% valid, 20%
+    test), one evaluation batch, no progress bar; add --train-iters, --save and the rest."""
+    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--vocab-size", str(vocab), "--data-path", str(corpus),
+            "--data-cache-dir", str(data_cache), "--valid-fraction", "0.2", "--test-fraction",
+            "0.2", "--lr", "5e-3", "--lr-warmup-iters", "1", "--eval-iters", "1",
+            "--no-progress"]
+
+
+def fp64_decode(model: StagGPTModel, tokens: torch.Tensor, prompt: int,
+                mode: str = "sequential") -> torch.Tensor:
+    """The logits `decode_logits` gives for a (TP = PP = 1) StagGPTModel, computed in fp64 by
+    the reference model holding its weights: the yardstick for fp32_bound."""
+    from stag_plugin.reference.decode import ReferenceDecoder
+    from stag_plugin.reference.model import ReferenceConfig, StagFormer
+    from stag_plugin.reference.name_map import megatron_to_reference
+
+    cfg = ReferenceConfig.from_megatron(model.config, model.vocab_size, model.max_sequence_length,
+                                        model.share_embeddings_and_output_weights)
+    reference = StagFormer(cfg)
+    reference.load_state_dict(megatron_to_reference(model.state_dict(), cfg))
+    decoder = ReferenceDecoder(reference.double().eval(), tokens.shape[0], tokens.shape[1],
+                               mode=mode)
+    return decode_logits(decoder, tokens, prompt)

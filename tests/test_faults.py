@@ -16,7 +16,7 @@ from stag_plugin.training import integrity
 from stag_plugin.training.data import prepare_data
 
 from convert_testing import iteration_folder, megatron_lm_args, save_megatron_lm
-from stag_testing import small_corpus, tiny_config
+from stag_testing import small_corpus, tiny_config, tiny_train_flags
 
 VOCAB = 512
 
@@ -41,11 +41,8 @@ def flags(tmp_path_factory, corpus) -> list:
     cache = tmp_path_factory.mktemp("data")
     prepare_data([str(corpus)], cache, vocab_size=VOCAB, valid_fraction=0.2, test_fraction=0.2,
                  progress=False)
-    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-            "--seq-length", "32", "--micro-batch-size", "4", "--vocab-size", str(VOCAB),
-            "--data-path", str(corpus), "--data-cache-dir", str(cache), "--valid-fraction",
-            "0.2", "--test-fraction", "0.2", "--lr", "5e-3", "--lr-warmup-iters", "1",
-            "--eval-iters", "1", "--no-progress", "--train-iters", "2"]
+    return [*tiny_train_flags(corpus, cache, VOCAB), "--micro-batch-size", "4",
+            "--train-iters", "2"]
 
 
 @pytest.fixture(scope="module")

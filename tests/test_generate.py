@@ -15,7 +15,7 @@ from stag_plugin.decode import text
 from stag_plugin.reference.sampling import Sampler
 from stag_plugin.training.data import prepare_data
 
-from stag_testing import small_corpus
+from stag_testing import small_corpus, tiny_train_flags
 
 VOCAB = 512
 PROMPT = "def main(args):\n    "
@@ -38,13 +38,9 @@ def data_cache(tmp_path_factory, corpus) -> Path:
 
 def _train(tmp_path_factory, corpus, data_cache, sharing: str) -> Path:
     save = tmp_path_factory.mktemp(f"ckpt_{sharing}") / "run"
-    flags = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-             "--seq-length", "32", "--micro-batch-size", "4", "--vocab-size", str(VOCAB),
-             "--data-path", str(corpus), "--data-cache-dir", str(data_cache),
-             "--valid-fraction", "0.2", "--test-fraction", "0.2", "--lr", "5e-3",
-             "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-iters", "1",
-             "--no-progress", "--train-iters", str(ITERS), "--stag-weight-sharing", sharing,
-             "--save", str(save)]
+    flags = [*tiny_train_flags(corpus, data_cache, VOCAB), "--micro-batch-size", "4",
+             "--log-interval", "1", "--train-iters", str(ITERS), "--stag-weight-sharing",
+             sharing, "--save", str(save)]
     assert cli.main(["train", *flags]) == 0
     return save
 

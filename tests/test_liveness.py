@@ -14,7 +14,7 @@ import pytest
 
 from stag_plugin.compat.megatron import free_port
 
-from stag_testing import small_corpus
+from stag_testing import small_corpus, tiny_train_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,12 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def flags(tmp_path_factory) -> list:
     corpus = small_corpus(tmp_path_factory, "liveness")
-    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-            "--seq-length", "32", "--micro-batch-size", "2", "--vocab-size", "512",
-            "--data-path", str(corpus), "--data-cache-dir", str(tmp_path_factory.mktemp("data")),
-            "--valid-fraction", "0.2", "--test-fraction", "0.2", "--lr-warmup-iters", "1",
-            "--eval-iters", "1", "--eval-interval", "1000", "--no-progress",
-            "--train-iters", "100000", "--save-interval", "2"]
+    return [*tiny_train_flags(corpus, tmp_path_factory.mktemp("data"), 512),
+            "--micro-batch-size", "2", "--eval-interval", "1000", "--train-iters", "100000",
+            "--save-interval", "2"]
 
 
 def start(argv: list, env_extra: dict = None) -> subprocess.Popen:
@@ -64,12 +61,17 @@ def gone(processes: list, seconds: float = 10.0) -> list:
     return alive
 
 
+def trainer_with_a_checkpoint(flags: list, save: Path):
+    """`stag train` started, and running with its first checkpoint saved; its children."""
+    trainer = start(["-m", "stag_plugin", "train", *flags, "--save", str(save)])
+    wait_for(lambda: (save / "latest_checkpointed_iteration.txt").exists(), 240, trainer)
+    return trainer, descendants(trainer.pid)
+
+
 def test_sigterm_stops_training_cleanly(tmp_path, flags):
     save = tmp_path / "run"
-    trainer = start(["-m", "stag_plugin", "train", *flags, "--save", str(save)])
+    trainer, children = trainer_with_a_checkpoint(flags, save)
     try:
-        wait_for(lambda: (save / "latest_checkpointed_iteration.txt").exists(), 240, trainer)
-        children = descendants(trainer.pid)
         assert children, "the checkpoint saver's process was expected"
         trainer.send_signal(signal.SIGTERM)
         output, _ = trainer.communicate(timeout=120)
@@ -84,11 +86,8 @@ def test_sigterm_stops_training_cleanly(tmp_path, flags):
 
 
 def test_sigkill_takes_the_saver_process_with_it(tmp_path, flags):
-    save = tmp_path / "run"
-    trainer = start(["-m", "stag_plugin", "train", *flags, "--save", str(save)])
+    trainer, children = trainer_with_a_checkpoint(flags, tmp_path / "run")
     try:
-        wait_for(lambda: (save / "latest_checkpointed_iteration.txt").exists(), 240, trainer)
-        children = descendants(trainer.pid)
         trainer.send_signal(signal.SIGKILL)
         trainer.communicate(timeout=60)
         assert not gone(children), "a child process outlived the killed trainer"
