@@ -1,7 +1,7 @@
 """What the checkpoint manifest costs: save and load time of a real training checkpoint with
 and without writing / verifying manifest.json (SHA-256 of every file).
 
-    python bench/checkpoint_integrity.py --sizes 30m 100m --repeats 3 --out bench/results/integrity.json
+    python bench/checkpoint_integrity.py --sizes 30m 100m --repeats 3
 
 For each model size: the StagGPTModel is built and one checkpoint saved (model + Adam state, the
 way `stag train` saves), then timed: the save itself (dist_checkpointing.save), writing the
@@ -42,9 +42,9 @@ def build(size: str):
     return args, model, optimizer, scheduler
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -62,11 +62,11 @@ def measure(size: str, repeats: int) -> dict:
             folder = Path(tmp) / f"iter_{repeat}"
             folder.mkdir()
             state = runtime.checkpoint_state(model, optimizer, scheduler)
-            times["save_s"].append(timed(lambda: dist_checkpointing.save(state, str(folder))))
-            times["manifest_s"].append(timed(lambda: integrity.write_manifest(folder)))
-            times["verify_s"].append(timed(lambda: integrity.verify_manifest(folder)))
+            times["save_s"].append(timed(dist_checkpointing.save, state, str(folder)))
+            times["manifest_s"].append(timed(integrity.write_manifest, folder))
+            times["verify_s"].append(timed(integrity.verify_manifest, folder))
             template = runtime.checkpoint_state(model, optimizer, scheduler, loading=True)
-            times["load_s"].append(timed(lambda: dist_checkpointing.load(template, str(folder))))
+            times["load_s"].append(timed(dist_checkpointing.load, template, str(folder)))
             size_bytes = sum(p.stat().st_size for p in folder.iterdir())
             shutil.rmtree(folder)
     row = {k: statistics.median(v) for k, v in times.items()}

@@ -12,7 +12,7 @@ import torch
 from stag_plugin import cli
 from stag_plugin.convert.common import partial_path
 
-from stag_testing import small_corpus
+from stag_testing import prepared_cache, small_corpus
 
 VOCAB = 512  # SentencePiece pieces; a multiple of 128, so Megatron's padding keeps it
 SEQ = 32
@@ -20,12 +20,8 @@ SEQ = 32
 
 def prepare_flags(tmp_path_factory) -> list:
     """`stag train` flags of a tiny model on 40 standard-library files (data prepared once)."""
-    from stag_plugin.training.data import prepare_data
-
     corpus = small_corpus(tmp_path_factory, "convert")
-    cache = tmp_path_factory.mktemp("convert-data")
-    prepare_data([str(corpus)], cache, vocab_size=VOCAB, valid_fraction=0.2, test_fraction=0.2,
-                 progress=False)
+    cache, _ = prepared_cache(tmp_path_factory, corpus, VOCAB)
     return ["--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
             "--micro-batch-size", "2", "--global-batch-size", "4", "--vocab-size", str(VOCAB),
             "--data-path", str(corpus), "--data-cache-dir", str(cache),

@@ -152,3 +152,13 @@ def fp64_decode(model: StagGPTModel, tokens: torch.Tensor, prompt: int,
     decoder = ReferenceDecoder(reference.double().eval(), tokens.shape[0], tokens.shape[1],
                                mode=mode)
     return decode_logits(decoder, tokens, prompt)
+
+
+def prepared_cache(tmp_path_factory, corpus: Path, vocab: int):
+    """`corpus` prepared once (tokenizer, 20% valid, 20% test) in a fresh data cache folder;
+    returns (folder, PreparedData)."""
+    from stag_plugin.training.data import prepare_data
+
+    out = tmp_path_factory.mktemp("data")
+    return out, prepare_data([str(corpus)], out, vocab_size=vocab, valid_fraction=0.2,
+                             test_fraction=0.2, progress=False)

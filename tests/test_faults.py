@@ -13,10 +13,9 @@ from test_gpt_parity import megatron_gpt
 
 from stag_plugin import cli
 from stag_plugin.training import integrity
-from stag_plugin.training.data import prepare_data
 
 from convert_testing import iteration_folder, megatron_lm_args, save_megatron_lm
-from stag_testing import small_corpus, tiny_config, tiny_train_flags
+from stag_testing import prepared_cache, small_corpus, tiny_config, tiny_train_flags
 
 VOCAB = 512
 
@@ -38,9 +37,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def flags(tmp_path_factory, corpus) -> list:
-    cache = tmp_path_factory.mktemp("data")
-    prepare_data([str(corpus)], cache, vocab_size=VOCAB, valid_fraction=0.2, test_fraction=0.2,
-                 progress=False)
+    cache, _ = prepared_cache(tmp_path_factory, corpus, VOCAB)
     return [*tiny_train_flags(corpus, cache, VOCAB), "--micro-batch-size", "4",
             "--train-iters", "2"]
 

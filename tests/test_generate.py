@@ -13,9 +13,8 @@ import torch
 from stag_plugin import cli, generate
 from stag_plugin.decode import text
 from stag_plugin.reference.sampling import Sampler
-from stag_plugin.training.data import prepare_data
 
-from stag_testing import small_corpus, tiny_train_flags
+from stag_testing import prepared_cache, small_corpus, tiny_train_flags
 
 VOCAB = 512
 PROMPT = "def main(args):\n    "
@@ -30,10 +29,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory, corpus) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    prepare_data([str(corpus)], out, vocab_size=VOCAB, valid_fraction=0.2, test_fraction=0.2,
-                 progress=False)
-    return out
+    return prepared_cache(tmp_path_factory, corpus, VOCAB)[0]
 
 
 def _train(tmp_path_factory, corpus, data_cache, sharing: str) -> Path:

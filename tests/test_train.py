@@ -25,10 +25,9 @@ from stag_plugin import cli
 from stag_plugin.compat.cpu import apply_cpu_compat
 from stag_plugin.compat.megatron import free_port
 from stag_plugin.training import arguments, checkpointing, evaluate, train
-from stag_plugin.training.data import prepare_data
 
 from distributed import run_command
-from stag_testing import small_corpus, snapshot
+from stag_testing import prepared_cache, small_corpus, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # a multiple of 128: Megatron's padding leaves it unchanged
@@ -49,9 +48,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory, corpus) -> Path:
     """The prepared folder every run reuses through --data-cache-dir (same corpus and fractions)."""
-    out = tmp_path_factory.mktemp("data")
-    prepared = prepare_data([str(corpus)], out, vocab_size=VOCAB, valid_fraction=0.2,
-                            test_fraction=0.2, progress=False)
+    out, prepared = prepared_cache(tmp_path_factory, corpus, VOCAB)
     assert prepared.vocab_size == VOCAB and all(prepared.num_tokens[s] > 10_000
                                                 for s in ("train", "valid", "test"))
     return out
