@@ -7,8 +7,9 @@
   - an inference folder (`stag convert to-inference --out`): loaded into the plain-PyTorch
     reference model and decoded with stag_plugin.reference.decode.ReferenceDecoder (no Megatron
     model is built).
-The prompt is tokenized with the tokenizer saved next to the weights, so neither the corpus nor
-the data cache is needed. Text is printed as it is produced and a summary line (tokens, prefill
+The prompt is tokenized with the tokenizer saved next to the weights (any --tokenizer-type; a
+NullTokenizer's prompt is whitespace-separated ids), so neither the corpus nor the data cache is
+needed. Text is printed as it is produced and a summary line (tokens, prefill
 time, decode speed, cache sizes) goes to stderr.
 
     stag generate --load runs/tiny --prompt "def fibonacci(n):" --max-new-tokens 64
@@ -69,31 +70,38 @@ def load_model(root: Union[str, Path], trusted: bool = False) -> LoadedModel:
 
 
 def load_inference_folder(root: Path) -> LoadedModel:
-    """A `stag convert to-inference` folder in the reference model, with its tokenizer."""
+    """A `stag convert to-inference` folder in the reference model, with its tokenizer
+    (`tokenizer/`, or the `tokenizer.model` of folders converted before tokenizer types)."""
     from stag_plugin.convert import inference_folder
     from stag_plugin.reference.decode import ReferenceDecoder
-    from stag_plugin.training.data import StagTokenizer
 
     loaded = inference_folder.load_inference_folder(root)
-    if loaded.tokenizer_path is None:
-        raise GenerateError(f"{root} has no {inference_folder.TOKENIZER_FILE}, so the prompt "
-                            "cannot be tokenized", "convert the checkpoint again with "
-                            "`stag convert to-inference` (it copies the tokenizer)")
-    return LoadedModel(loaded.model, StagTokenizer.load(loaded.tokenizer_path), root,
-                       loaded.config.max_sequence_length, ReferenceDecoder)
+    tokenizer = _saved_tokenizer(root, loaded.metadata.get("tokenizer_file",
+                                                           inference_folder.TOKENIZER_FILE),
+                                 "convert the checkpoint again with `stag convert "
+                                 "to-inference` (it copies the tokenizer)")
+    return LoadedModel(loaded.model, tokenizer, root, loaded.config.max_sequence_length,
+                       ReferenceDecoder)
+
+
+def _saved_tokenizer(folder: Path, legacy_file: str, fix: str):
+    """The tokenizer saved in `folder` (data.tokenizers.load_saved), or a GenerateError."""
+    from stag_plugin.training.data import tokenizers
+
+    if (tokenizers.saved_tokenizer_folder(folder) is None
+            and not (Path(folder) / legacy_file).is_file()):
+        raise GenerateError(f"{folder} holds no tokenizer ({tokenizers.CHECKPOINT_DIR}/ or "
+                            f"{legacy_file}), so the prompt cannot be tokenized", fix)
+    return tokenizers.load_saved(folder, legacy_file)
 
 
 def load_checkpoint(root: Path, trusted: bool = False) -> LoadedModel:
     """Rebuild the latest checkpoint under `root` (weights only, one process) with its saved
     tokenizer."""
-    from stag_plugin.training.data import StagTokenizer
-
     iteration, run = checkpointing.read_run(root)
-    tokenizer_file = checkpointing.iteration_dir(root, iteration) / checkpointing.TOKENIZER_FILE
-    if not tokenizer_file.is_file():
-        raise GenerateError(f"{tokenizer_file} is missing, so the prompt cannot be tokenized",
-                            "load a checkpoint saved by stag train with its tokenizer")
-    tokenizer = StagTokenizer.load(tokenizer_file)
+    tokenizer = _saved_tokenizer(checkpointing.iteration_dir(root, iteration),
+                                 checkpointing.TOKENIZER_FILE, "load a checkpoint saved by "
+                                 "stag train with its tokenizer")
     args = runtime.saved_args(run)
     runtime.start(1, 1, args.distributed_timeout_minutes)
     vocab = arguments.padded_vocab_size(tokenizer.vocab_size, args)

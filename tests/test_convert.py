@@ -101,14 +101,24 @@ def test_to_inference_gives_the_megatron_logits(tmp_path, tp2pp2):
     assert reference.shape == expected.shape == (2, tokens.shape[1], VOCAB)
     diff = (reference - expected).abs().max().item()
     assert diff < 1e-5, f"seed {seed}: max abs difference {diff}"
-    # The metadata names its source; the tokenizer is the checkpoint's.
+    # The metadata names its source; the tokenizer is the checkpoint's (tokenizer/, byte for
+    # byte), with its transformers form next to it.
     config = json.loads((out / "config.json").read_text())
     assert config["eos_token_id"] == 2 and config["torch_dtype"] == "float32"
     assert config["source"]["iteration"] == ITERS
     assert config["source"]["architecture"]["stag_output_combination"] == "learned"
     assert str(iteration_folder(tp2pp2).resolve()) in (out / "README.md").read_text()
-    assert (out / "tokenizer.model").read_bytes() == (
-        iteration_folder(tp2pp2) / "tokenizer.model").read_bytes()
+    assert files_of(out / "tokenizer") == files_of(iteration_folder(tp2pp2) / "tokenizer")
+    assert not (out / "tokenizer.model").exists()
+    described = json.loads((out / "tokenizer" / "stag_tokenizer.json").read_text())
+    assert {k: v for k, v in config["tokenizer"].items() if k != "transformers"} == described
+    assert described["type"] == "StagTokenizer" and described["eod"] == 2
+    assert config["tokenizer"]["transformers"]["exact"] is True
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def files_of(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def test_to_inference_accepts_the_iteration_folder_and_stores_bf16(tmp_path, tp2pp2):
@@ -151,6 +161,8 @@ def test_reshard_any_layout_to_one_process_and_back_to_pp2(tmp_path, flags, tp2p
         assert (record["args"]["tensor_model_parallel_size"],
                 record["args"]["pipeline_model_parallel_size"]) == layout
         assert record["iteration"] == ITERS
+        assert files_of(iteration_folder(out) / "tokenizer") == files_of(
+            iteration_folder(tp2pp2) / "tokenizer")
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     losses = [evaluate.evaluate_checkpoint(evaluate.build_parser().parse_args(
         ["--load", str(root), "--eval-iters", "1", "--tensor-model-parallel-size", "1"]))["loss"]
@@ -189,6 +201,21 @@ def test_truncated_tensor_file(capsys, tmp_path, damaged):
     resign(iteration_folder(damaged))  # a checkpoint truncated before its manifest was written
     assert_convert_error(capsys, ["to-inference", "--load", damaged, "--out", tmp_path / "out"],
                          "truncated or corrupted", out=tmp_path / "out")
+
+
+def test_checkpoint_without_its_tokenizer(capsys, tmp_path, damaged):
+    """The ids cannot be decoded without the tokenizer: a changed tokenizer file (even with a
+    manifest that matches it) and a missing tokenizer/ are clear errors, nothing written."""
+    saved = iteration_folder(damaged) / "tokenizer"
+    model = saved / "tokenizer.model"
+    model.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 1]))
+    resign(iteration_folder(damaged))
+    assert_convert_error(capsys, ["to-inference", "--load", damaged, "--out", tmp_path / "out"],
+                         "tokenizer.model is changed", out=tmp_path / "out")
+    shutil.rmtree(saved)
+    resign(iteration_folder(damaged))
+    assert_convert_error(capsys, ["to-inference", "--load", damaged, "--out", tmp_path / "out"],
+                         "holds no tokenizer", "tokenizer/", out=tmp_path / "out")
 
 
 def test_corrupted_index(capsys, tmp_path, damaged):

@@ -238,8 +238,20 @@ def test_a_checkpoint_without_manifest_loads_with_a_warning(capsys, tmp_path, ru
 def test_every_save_writes_a_manifest_of_every_file(run):
     folder = iteration_folder(run)
     listed = set(__import__("json").loads((folder / integrity.MANIFEST).read_text())["files"])
-    assert listed == {p.name for p in folder.iterdir()} - {integrity.MANIFEST}
+    assert listed == {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                      if p.is_file()} - {integrity.MANIFEST}
+    assert {"tokenizer/tokenizer.model", "tokenizer/stag_tokenizer.json"} <= listed
     assert integrity.verify_manifest(folder)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "to-inference", "reshard"])
+def test_a_changed_tokenizer_file_is_named(capsys, tmp_path, run, command):
+    """The ids mean nothing with another tokenizer: its files are checked like the shards."""
+    folder = copy_run(run, tmp_path)
+    flip_bytes(iteration_folder(folder) / "tokenizer" / "tokenizer.model", count=16)
+    line = error_line(capsys, LOADS[command](folder, tmp_path / "out"))
+    assert "tokenizer/tokenizer.model" in line and "changed" in line, line
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- (3) strict loads

@@ -5,6 +5,7 @@ re-run on the growing sequence, taking argmax(model(tokens)[:, -1]) each time.
 """
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from stag_plugin import cli, generate
 from stag_plugin.decode import text
 from stag_plugin.reference.sampling import Sampler
+from stag_plugin.training import checkpointing, integrity
 
 from stag_testing import prepared_cache, small_corpus, tiny_train_flags
 
@@ -220,5 +222,29 @@ def test_cli_generate_from_an_inference_folder(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):  # one section per pipeline rank needs torchrun, not this
         cli.main(["generate", "--load", str(folder), "--prompt", PROMPT, "--mode", "pipeline"])
     assert "invalid choice: 'pipeline'" in capsys.readouterr().err
-    (folder / "tokenizer.model").unlink()
-    assert_usage_error(capsys, ["--load", folder, "--prompt", PROMPT], "tokenizer.model")
+    # Without its tokenizer the folder cannot tokenize a prompt: a clear error. A folder
+    # converted before tokenizer/ existed holds the SentencePiece model as tokenizer.model.
+    model = (folder / "tokenizer" / "tokenizer.model").read_bytes()
+    shutil.rmtree(folder / "tokenizer")
+    assert_usage_error(capsys, ["--load", folder, "--prompt", PROMPT], "holds no tokenizer",
+                       "tokenizer/", "stag convert to-inference")
+    (folder / "tokenizer.model").write_bytes(model)
+    assert cli.main(["generate", "--load", str(folder), "--prompt", PROMPT,
+                     "--max-new-tokens", "3"]) == 0
+
+
+def test_checkpoint_without_its_tokenizer(checkpoint, tmp_path, capsys):
+    """The tokenizer lives in iter_XXXXXXX/tokenizer/; without it (and without the
+    tokenizer.model of checkpoints saved before tokenizer/) the prompt cannot be tokenized."""
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "run"))
+    folder = checkpointing.iteration_dir(copy, checkpointing.latest_iteration(copy))
+    model = (folder / "tokenizer" / "tokenizer.model").read_bytes()
+    shutil.rmtree(folder / "tokenizer")
+    integrity.write_manifest(folder)  # a checkpoint saved without it
+    assert_usage_error(capsys, ["--load", copy, "--prompt", PROMPT], "holds no tokenizer",
+                       "tokenizer/", "tokenizer.model")
+    (folder / "tokenizer.model").write_bytes(model)
+    integrity.write_manifest(folder)
+    legacy = generate.load_model(copy)
+    assert legacy.tokenizer.tokenize(PROMPT) == generate.load_model(checkpoint).tokenizer \
+        .tokenize(PROMPT)

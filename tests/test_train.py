@@ -11,6 +11,7 @@ Every run shares one prepared data folder (a 40-file slice of the standard libra
 512) and a 4-layer, hidden-32 model, so the whole file takes about a minute on 2 cores.
 """
 
+import hashlib
 import json
 import math
 import re
@@ -27,7 +28,7 @@ from stag_plugin.compat.megatron import free_port
 from stag_plugin.training import arguments, checkpointing, evaluate, train
 
 from distributed import run_command
-from stag_testing import prepared_cache, small_corpus, snapshot
+from stag_testing import TINY_TRAIN_DEFAULTS, prepared_cache, small_corpus, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # a multiple of 128: Megatron's padding leaves it unchanged
@@ -56,9 +57,11 @@ def data_cache(tmp_path_factory, corpus) -> Path:
 
 @pytest.fixture(scope="module")
 def base_flags(corpus, data_cache) -> list:
-    """A tiny StagFormer (2 sections x 2 layers, hidden 32) on the shared data folder."""
-    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-            "--seq-length", "32", "--micro-batch-size", "4", "--vocab-size", str(VOCAB),
+    """A tiny StagFormer (2 sections x 2 layers, hidden 32) on the shared data folder (after
+    the defaults the tests were written for)."""
+    return [*TINY_TRAIN_DEFAULTS, "--num-layers", "4", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "4",
+            "--vocab-size", str(VOCAB),
             "--data-path", str(corpus), "--data-cache-dir", str(data_cache),
             "--valid-fraction", "0.2", "--test-fraction", "0.2",
             "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-iters", str(EVAL_ITERS),
@@ -116,17 +119,30 @@ def complete_iteration_dirs(root: Path) -> list:
 
 
 def assert_complete_checkpoint(folder: Path, iteration: int, tokenizer_model: Path) -> None:
-    """A folder Megatron can load (torch_dist metadata, shards, common state) plus our files."""
+    """A folder Megatron can load (torch_dist metadata, shards, common state) plus our files:
+    the run record and tokenizer/, a byte copy of the data's SentencePiece model and the
+    description (stag_tokenizer.json) the record repeats."""
     from megatron.core import dist_checkpointing
 
     assert folder.name == f"iter_{iteration:07d}"
     names = {p.name for p in folder.iterdir()}
-    assert {"metadata.json", ".metadata", "stag_run.json", "tokenizer.model"} <= names
+    assert {"metadata.json", ".metadata", "stag_run.json", "tokenizer"} <= names
+    assert "tokenizer.model" not in names  # the layout before tokenizer/
     assert any(name.endswith(".distcp") for name in names), names
     assert isinstance(dist_checkpointing.load_common_state_dict(str(folder)), dict)
     run = json.loads((folder / "stag_run.json").read_text())
     assert run["iteration"] == iteration
-    assert (folder / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
+    saved = folder / "tokenizer"
+    assert sorted(p.name for p in saved.iterdir()) == ["stag_tokenizer.json", "tokenizer.model"]
+    assert (saved / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
+    spec = json.loads((saved / "stag_tokenizer.json").read_text())
+    assert spec["type"] == "StagTokenizer" and spec["vocab_size"] == VOCAB and spec["eod"] == 2
+    assert spec["files"] == {"tokenizer.model": sha256(tokenizer_model)}
+    assert run["tokenizer"] == spec
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def tokenizer_model(data_cache: Path) -> Path:
@@ -340,7 +356,7 @@ BAD_TRAIN_INPUTS = [
     _bad("missing-yaml", ["--config", "{bad}/missing.yaml"],
          ["--config", "missing.yaml", "no such file"]),
     _bad("warmup-not-below-train-iters", ["--train-iters", "5", "--lr-warmup-iters", "5"],
-         ["--lr-warmup-iters 5", "--train-iters", "Fix"]),
+         ["warm-up (5 iterations)", "--lr-decay-iters 5", "training length", "Fix"]),
     _bad("batch-not-a-multiple", ["--global-batch-size", "6"],
          ["--global-batch-size 6", "--micro-batch-size 4", "multiple"]),
     _bad("tp-larger-than-world", ["--tensor-model-parallel-size", "2"],
@@ -348,6 +364,11 @@ BAD_TRAIN_INPUTS = [
     _bad("micro-batch-zero", ["--micro-batch-size", "0"], ["--micro-batch-size", ">= 1"]),
     _bad("schedule-changed-on-resume", ["--load", "{run}", "--lr", "0.5"],
          ["--lr 0.5", "--override-opt-param-scheduler", "Fix"]),
+    _bad("unknown-tokenizer-type", ["--tokenizer-type", "Llama2Tokenizer"],
+         ["--tokenizer-type Llama2Tokenizer", "not supported", "GPT2BPETokenizer", "Fix"]),
+    _bad("tokenizer-file-missing", ["--tokenizer-type", "GPTSentencePieceTokenizer",
+                                    "--tokenizer-model", "{bad}/none.model"],
+         ["--tokenizer-model {bad}/none.model", "missing", "Fix"]),
 ]
 
 

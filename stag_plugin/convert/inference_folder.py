@@ -5,7 +5,11 @@ plain-PyTorch reference model (and Hugging Face `transformers`) loads. No Megatr
                                  top level, Hugging Face style) plus the folder's metadata
     <folder>/model.safetensors   the reference StagFormer state dict (stag_plugin.reference.model
                                  names; shared weights stored once), one dtype throughout
-    <folder>/tokenizer.model     the SentencePiece model the token ids refer to
+    <folder>/tokenizer/          the tokenizer the token ids refer to, as checkpoints keep it
+                                 (stag_tokenizer.json and its files; data.tokenizers)
+    <folder>/tokenizer.json, tokenizer_config.json, ...
+                                 the same tokenizer for `transformers.AutoTokenizer` (none for
+                                 a NullTokenizer; stag_plugin.convert.hf_tokenizer)
     <folder>/README.md           what the folder holds and where it came from
     <folder>/configuration_stagformer.py, modeling_stagformer.py, reference.py
                                  the model code for `transformers` (trust_remote_code): copies
@@ -14,9 +18,11 @@ plain-PyTorch reference model (and Hugging Face `transformers`) loads. No Megatr
 config.json metadata next to the ReferenceConfig fields:
     "model_type": "stagformer", "stag_format_version": 1, "torch_dtype": "float32" (or
     "bfloat16" / "float16"), "eos_token_id": the end-of-document id, "source": {...} (the
-    checkpoint it was converted from), "tokenizer_file": "tokenizer.model", "auto_map": the
-    transformers classes in the folder's code, "use_cache": false (generate() in transformers
-    recomputes the sequence; docs/huggingface.md).
+    checkpoint it was converted from), "tokenizer": the tokenizer's description (type, files,
+    ids) and under "transformers" whether the AutoTokenizer files were written and are exact,
+    "auto_map": the transformers classes in the folder's code, "use_cache": false (generate()
+    in transformers recomputes the sequence; docs/huggingface.md). Folders converted before
+    tokenizer types hold `tokenizer.model` and "tokenizer_file" instead.
 
 Writing is atomic: everything goes to a temporary sibling folder that is renamed at the end, so
 an interrupted conversion never leaves a half-written folder, and an existing folder is only
@@ -42,7 +48,7 @@ from stag_plugin.training.checkpointing import replace_dir
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # the tokenizer of folders converted before tokenizer/
 README_FILE = "README.md"
 MODEL_TYPE = "stagformer"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,11 +69,6 @@ class InferenceModel:
     folder: Path
 
     @property
-    def tokenizer_path(self) -> Optional[Path]:
-        path = self.folder / self.metadata.get("tokenizer_file", TOKENIZER_FILE)
-        return path if path.is_file() else None
-
-    @property
     def eod(self) -> Optional[int]:
         return self.metadata.get("eos_token_id")
 
@@ -79,7 +80,7 @@ def config_to_json(cfg: ReferenceConfig, dtype: torch.dtype, metadata: dict) -> 
     """ReferenceConfig fields at the top level, then the folder's metadata."""
     entries = {"model_type": MODEL_TYPE, "architectures": ["StagFormerForCausalLM"],
                "stag_format_version": FORMAT_VERSION, "torch_dtype": DTYPE_NAMES[dtype],
-               "tokenizer_file": TOKENIZER_FILE, "auto_map": dict(AUTO_MAP),
+               "auto_map": dict(AUTO_MAP),
                "use_cache": False}  # transformers' generate(): no KV cache in the HF model
     entries.update(dataclasses.asdict(cfg))
     entries.update(metadata)
@@ -131,10 +132,13 @@ def _check_config(cfg: ReferenceConfig, where: str) -> None:
 
 def save_inference_folder(folder: Union[str, Path], cfg: ReferenceConfig,
                           state_dict: Dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                          tokenizer_model: Optional[Path] = None, metadata: Optional[dict] = None,
-                          readme: str = "", overwrite: bool = False) -> Path:
+                          tokenizer_files: Optional[Dict[str, bytes]] = None,
+                          metadata: Optional[dict] = None, readme: str = "",
+                          overwrite: bool = False) -> Path:
     """Write an inference folder atomically; `state_dict` uses reference names and is checked
-    against the reference model (every key once, every shape) before anything is written."""
+    against the reference model (every key once, every shape) before anything is written.
+    `tokenizer_files`: posix path inside the folder -> content (the tokenizer/ folder and the
+    transformers tokenizer files)."""
     from safetensors.torch import save_file
 
     from stag_plugin.reference.name_map import check_against_reference
@@ -153,8 +157,9 @@ def save_inference_folder(folder: Union[str, Path], cfg: ReferenceConfig,
         save_file(weights, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
         entries = config_to_json(cfg, dtype, dict(metadata or {}))
         (partial / CONFIG_FILE).write_text(json.dumps(entries, indent=1, sort_keys=False) + "\n")
-        if tokenizer_model is not None:
-            shutil.copyfile(tokenizer_model, partial / TOKENIZER_FILE)
+        for name, data in (tokenizer_files or {}).items():
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            (partial / name).write_bytes(data)
         (partial / README_FILE).write_text(readme)
         for name, source in REMOTE_CODE_FILES.items():  # the model code for transformers
             shutil.copyfile(source, partial / name)

@@ -152,9 +152,10 @@ def reshard(options: argparse.Namespace, plan: Plan) -> None:
     try:
         state = runtime.checkpoint_state(target.model, target.optimizer, target.scheduler,
                                          target.iteration, target.consumed_samples)
-        record = runtime.run_record(args, target.iteration, plan.vocab, plan.record["tokenizer"])
+        tokenizer, described = source_tokenizer(plan) if rank0 else (None, None)
+        record = runtime.run_record(args, target.iteration, plan.vocab, described)
         checkpointing.save_checkpoint(partial, target.iteration, state, record,
-                                      tokenizer_model=plan.ckpt.tokenizer_model)
+                                      tokenizer=tokenizer)
         if rank0:
             error = publish(checkpointing.iteration_dir(partial, target.iteration), options, plan)
     except BaseException:
@@ -162,6 +163,17 @@ def reshard(options: argparse.Namespace, plan: Plan) -> None:
             shutil.rmtree(partial, ignore_errors=True)
         raise
     _raise_on_any_rank(error)
+
+
+def source_tokenizer(plan: Plan) -> tuple:
+    """(the tokenizer saved with the source, its description for the run record); a source
+    without one keeps its record's description (the output then has none either)."""
+    from stag_plugin.training.data import tokenizers
+
+    if tokenizers.saved_spec(plan.ckpt.folder) is None:
+        return None, plan.record["tokenizer"]
+    tokenizer = tokenizers.load_saved(plan.ckpt.folder)
+    return tokenizer, tokenizers.spec_of(tokenizer).to_json()
 
 
 def build(plan: Plan) -> Target:

@@ -3,7 +3,9 @@
     <save>/latest_checkpointed_iteration.txt      the last complete iteration, e.g. "200"
     <save>/iter_0000200/                          dist_checkpointing folder (any TP layout)
     <save>/iter_0000200/stag_run.json             flags, architecture, tokenizer of the run
-    <save>/iter_0000200/tokenizer.model           the SentencePiece model the ids refer to
+    <save>/iter_0000200/tokenizer/                the tokenizer the ids refer to: its files and
+                                                  stag_tokenizer.json (data.tokenizers); older
+                                                  checkpoints hold tokenizer.model instead
     <save>/iter_0000200/manifest.json             every file's size and SHA-256 (integrity)
 
 A save never damages the previous checkpoint: it writes `iter_XXXXXXX.incomplete/`, renames it
@@ -29,7 +31,7 @@ from stag_plugin.training import integrity
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_FILE = "stag_run.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # the tokenizer of checkpoints saved before tokenizer/
 
 
 class CheckpointError(StagError):
@@ -111,11 +113,13 @@ def check_architecture(root: Path, expected: dict) -> None:
 
 
 def save_checkpoint(root: Path, iteration: int, state: dict, run: dict,
-                    tokenizer_model: Optional[Path] = None) -> Path:
-    """Save `state` (sharded + common entries) collectively; atomic with respect to failures."""
+                    tokenizer=None) -> Path:
+    """Save `state` (sharded + common entries) collectively, the run record and (a tokenizer
+    the plugin built) `tokenizer` as `tokenizer/`; atomic with respect to failures."""
     from megatron.core import dist_checkpointing
 
     from stag_plugin.compat.megatron import install_saver_queue
+    from stag_plugin.training.data import tokenizers
 
     install_saver_queue()
     root, rank = Path(root), _rank()
@@ -129,8 +133,8 @@ def save_checkpoint(root: Path, iteration: int, state: dict, run: dict,
         dist_checkpointing.save(state, str(partial))
         if rank == 0:
             (partial / RUN_FILE).write_text(json.dumps(run, indent=1, default=str))
-            if tokenizer_model is not None:
-                shutil.copyfile(tokenizer_model, partial / TOKENIZER_FILE)
+            if tokenizer is not None:
+                tokenizers.save_tokenizer(tokenizer, partial / tokenizers.CHECKPOINT_DIR)
             integrity.write_manifest(partial)  # every file, now that the last one is written
             replace_dir(partial, final)
             _write_atomic(root / TRACKER, f"{iteration}\n")

@@ -1,7 +1,8 @@
 """What makes a checkpoint load either whole and right, or not at all.
 
-    manifest.json    every file of an iteration folder with its size and SHA-256, written by
-                     the saver after the last byte (stag_plugin.training.checkpointing); a load
+    manifest.json    every file of an iteration folder (its tokenizer/ folder included, by
+                     relative path) with its size and SHA-256, written by the saver after the
+                     last byte (stag_plugin.training.checkpointing); a load
                      verifies it before any tensor is used and names a damaged, missing or
                      truncated file. Folders without one (older, or written by Megatron-LM) load
                      with a warning.
@@ -31,10 +32,11 @@ class DamagedCheckpoint(StagError):
 
 
 def write_manifest(folder: Path) -> Path:
-    """manifest.json for every file of `folder` (written last, atomically)."""
+    """manifest.json for every file below `folder`, by posix path relative to it (written
+    last, atomically)."""
     folder = Path(folder)
-    paths = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST]
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": digest}
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / MANIFEST]
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
              for p, digest in zip(paths, _parallel(file_sha256, paths))}
     path = folder / MANIFEST
     tmp = path.with_name(path.name + ".tmp")
