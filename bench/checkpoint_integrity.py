@@ -28,11 +28,13 @@ SIZES = {  # hidden, layers (2 sections), heads
 
 def build(size: str):
     from stag_plugin.training import arguments, runtime, train
+    from stag_plugin.training.demo import FIXED_FLAGS  # the demo's values beyond its sizes
 
     hidden, layers, heads = SIZES[size]
     args = arguments.finalize_args(train.build_parser().parse_args([
-        "--hidden-size", str(hidden), "--num-layers", str(layers), "--num-attention-heads",
-        str(heads), "--seq-length", "128", "--vocab-size", "8192", "--no-progress"]))
+        *FIXED_FLAGS, "--lr", "1e-3", "--train-iters", "100", "--hidden-size", str(hidden),
+        "--num-layers", str(layers), "--num-attention-heads", str(heads), "--seq-length", "128",
+        "--vocab-size", "8192", "--no-progress"]))
     runtime.start(1, 1, seed=0)
     model = runtime.build_model(args, 8192)
     optimizer, scheduler = runtime.build_optimizer(args, model)

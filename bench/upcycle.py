@@ -124,7 +124,9 @@ def convert(gpt: Path, out: Path, recipe: str, sharing: str) -> Path:
 
 
 def train_flags(name: str, model_flags: list, size: dict, options, load=None) -> list:
-    flags = [
+    from stag_plugin.training.demo import FIXED_FLAGS  # the demo's values beyond its sizes
+
+    flags = [*FIXED_FLAGS,
         "--hidden-size", size["hidden_size"], "--num-attention-heads",
         size["num_attention_heads"], "--seq-length", size["seq_length"],
         "--micro-batch-size", size["micro_batch_size"], "--train-iters", size["train_iters"],

@@ -12,7 +12,7 @@ import torch
 from stag_plugin import cli
 from stag_plugin.convert.common import partial_path
 
-from stag_testing import prepared_cache, small_corpus
+from stag_testing import TINY_TRAIN_DEFAULTS, prepared_cache, small_corpus
 
 VOCAB = 512  # SentencePiece pieces; a multiple of 128, so Megatron's padding keeps it
 SEQ = 32
@@ -22,7 +22,8 @@ def prepare_flags(tmp_path_factory) -> list:
     """`stag train` flags of a tiny model on 40 standard-library files (data prepared once)."""
     corpus = small_corpus(tmp_path_factory, "convert")
     cache, _ = prepared_cache(tmp_path_factory, corpus, VOCAB)
-    return ["--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
+    return [*TINY_TRAIN_DEFAULTS, "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", str(SEQ),
             "--micro-batch-size", "2", "--global-batch-size", "4", "--vocab-size", str(VOCAB),
             "--data-path", str(corpus), "--data-cache-dir", str(cache),
             "--valid-fraction", "0.2", "--test-fraction", "0.2", "--lr", "3e-3",
@@ -113,7 +114,10 @@ def truncate_within(folder: Path, key: str) -> Path:
 
 
 def megatron_lm_args(config, tie: bool, **overrides) -> argparse.Namespace:
-    """The args Megatron-LM's training loop would store for `config` (what from-gpt reads)."""
+    """The args Megatron-LM's training loop would store for `config` (what from-gpt reads),
+    under the names Megatron-LM core_v0.16.1 - 0.19.0 store them (`layernorm_epsilon`,
+    `layernorm_zero_centered_gamma`, `add_qkv_bias` = `add_bias_linear`, ...;
+    tests/test_megatron_lm_training.py converts checkpoints Megatron-LM itself saved)."""
     values = dict(
         num_layers=config.num_layers, hidden_size=config.hidden_size,
         ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
@@ -122,8 +126,9 @@ def megatron_lm_args(config, tie: bool, **overrides) -> argparse.Namespace:
         seq_length=SEQ, max_position_embeddings=SEQ,
         position_embedding_type=config.position_embedding_type, rotary_base=config.rotary_base,
         rotary_percent=config.rotary_percent, normalization=config.normalization,
-        norm_epsilon=config.layernorm_epsilon, swiglu=config.gated_linear_unit,
-        add_bias_linear=config.add_bias_linear, add_qkv_bias=False,
+        layernorm_epsilon=config.layernorm_epsilon, layernorm_zero_centered_gamma=False,
+        swiglu=config.gated_linear_unit, add_bias_linear=config.add_bias_linear,
+        add_qkv_bias=config.add_bias_linear, qk_layernorm=False,
         untie_embeddings_and_output_weights=not tie, padded_vocab_size=VOCAB,
         make_vocab_size_divisible_by=128, tensor_model_parallel_size=1,
         hidden_dropout=0.0, attention_dropout=0.0, bf16=False, fp16=False,

@@ -127,11 +127,25 @@ def snapshot(folder: Path) -> dict:
     return out
 
 
+# The small-model values the tests train with where Megatron-LM's defaults (stag train's) suit
+# large models. Put first in a test's flags (later flags win).
+TINY_TRAIN_DEFAULTS = [
+    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
+    "--seq-length", "256", "--transformer-impl", "local", "--position-embedding-type", "rope",
+    "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--lr", "1e-3", "--min-lr", "1e-4",
+    "--lr-warmup-iters", "10", "--lr-decay-style", "cosine", "--weight-decay", "0.1",
+    "--adam-beta2", "0.95", "--micro-batch-size", "4", "--train-iters", "100",
+    "--log-interval", "10", "--eval-interval", "50", "--eval-iters", "10",
+    "--distributed-timeout-minutes", "2.0"]
+
+
 def tiny_train_flags(corpus: Path, data_cache: Path, vocab: int) -> list:
     """`stag train` flags of a 2 x 2-layer, hidden-32 StagFormer on `corpus` (20% valid, 20%
-    test), one evaluation batch, no progress bar; add --train-iters, --save and the rest."""
-    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-            "--seq-length", "32", "--vocab-size", str(vocab), "--data-path", str(corpus),
+    test), one evaluation batch, no progress bar (after TINY_TRAIN_DEFAULTS); add --train-iters,
+    --save and the rest."""
+    return [*TINY_TRAIN_DEFAULTS, "--num-layers", "4", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "32", "--vocab-size", str(vocab),
+            "--data-path", str(corpus),
             "--data-cache-dir", str(data_cache), "--valid-fraction", "0.2", "--test-fraction",
             "0.2", "--lr", "5e-3", "--lr-warmup-iters", "1", "--eval-iters", "1",
             "--no-progress"]

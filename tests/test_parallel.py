@@ -35,7 +35,7 @@ from stag_plugin.training import checkpointing, evaluate
 from stag_plugin.training.data import prepare_data
 
 from distributed import run_command
-from stag_testing import small_corpus
+from stag_testing import TINY_TRAIN_DEFAULTS, small_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "layout_worker.py"
@@ -62,8 +62,9 @@ def flags(tmp_path_factory) -> list:
     cache = tmp_path_factory.mktemp("data")
     prepare_data([str(corpus)], cache, vocab_size=VOCAB, valid_fraction=0.2, test_fraction=0.2,
                  progress=False)
-    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
+    return [*TINY_TRAIN_DEFAULTS, "--num-layers", "4", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "8",
             "--vocab-size", str(VOCAB), "--data-path", str(corpus), "--data-cache-dir",
             str(cache), "--valid-fraction", "0.2", "--test-fraction", "0.2", "--lr", "3e-3",
             "--lr-warmup-iters", "1", "--train-iters", "3", "--log-interval", "1",

@@ -57,14 +57,20 @@ DRY_RUN=${DRY_RUN:-0}
 TORCHRUN=${TORCHRUN:-torchrun}
 ENTRY=${ENTRY:--m stag_plugin train}
 
-# model_args: MODEL_ARGS (shapes, --stag-* flags, schedule) and the per-model defaults.
+# model_args: MODEL_ARGS (shapes, --stag-* flags, schedule) and the per-model defaults. Every
+# value differing from Megatron-LM's default is passed, as the presets in configs/ set it.
 model_args() {
+    local common=(
+        --transformer-impl local --position-embedding-type rope
+        --hidden-dropout 0.0 --attention-dropout 0.0
+        --lr-decay-style cosine --weight-decay 0.1 --adam-beta2 0.95
+    )
     local paper=(
+        "${common[@]}"
         --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 7168 --swiglu
-        --normalization RMSNorm --disable-bias-linear --position-embedding-type rope
+        --normalization RMSNorm --disable-bias-linear
         --seq-length 1024 --max-position-embeddings 1024
-        --lr 3.0e-4 --min-lr 3.0e-5 --lr-warmup-iters 2000 --lr-decay-style cosine
-        --weight-decay 0.1 --clip-grad 1.0
+        --lr 3.0e-4 --min-lr 3.0e-5 --lr-warmup-iters 2000 --clip-grad 1.0
     )
     case "$MODEL" in
         gpt18)
@@ -81,6 +87,7 @@ model_args() {
             DEFAULT_PP=2 ;;
         tiny)
             MODEL_ARGS=(--num-layers 4 --stag-num-sections 2 --stag-weight-sharing separate
+                        "${common[@]}"
                         --hidden-size 128 --num-attention-heads 4 --seq-length 128
                         --max-position-embeddings 128
                         --lr 3.0e-3 --min-lr 3.0e-4 --lr-warmup-iters 10)

@@ -1,13 +1,17 @@
 """Command-line flags of `stag train` / `stag eval` / `stag demo`, and their one mapping onto
 `StagFormerConfig`.
 
-Flags use Megatron-LM's names and meanings wherever Megatron-LM has the same option
-(`--num-layers`, `--hidden-size`, `--lr`, `--save`, ...). StagFormer's own options are the
-`--stag-*` flags, declared once in `STAG_FLAGS` next to the config field each one sets;
-`add_stag_args(parser)` adds just those to any argparse parser (e.g. Megatron-LM's, as an
-`extra_args_provider`). A YAML preset (`--config configs/tiny_cpu.yaml`) sets defaults by flag
-name (`num_layers: 4`); flags on the command line override it.
+Every flag `stag train` shares with Megatron-LM has Megatron-LM's name, meaning and default
+(`--num-layers`, `--lr`, `--hidden-dropout 0.1`, `--lr-decay-style linear`, ...; a flag
+Megatron-LM requires is required here too, see `check_trainable`). A Megatron-LM flag
+`stag train` does not implement is refused naming the Megatron-LM entry, which takes them all
+(`megatron_lm_flags`). StagFormer's own options are the `--stag-*` flags, declared once in
+`STAG_FLAGS` next to the config field each one sets; `add_stag_args(parser)` adds just those to
+any argparse parser (e.g. Megatron-LM's, as an `extra_args_provider`). A YAML preset
+(`--config configs/tiny_cpu.yaml`) sets defaults by flag name (`num_layers: 4`); flags on the
+command line override it.
 
+`finalize_args(args)` fills derived values as Megatron-LM's validate_args does,
 `config_from_args(args)` is the only place where flag values become a `StagFormerConfig`, and
 `architecture_of(args)` the only definition of which flags fix a checkpoint's shapes.
 """
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from stag_plugin.errors import StagError
+from stag_plugin.errors import NotSupported, StagError
 
 
 def _dest(flag: str) -> str:
@@ -65,7 +69,10 @@ _FLAG_OF_FIELD = {field: flag for flag, field, _ in STAG_FLAGS} | {
 
 # Flags of the learning-rate / weight-decay schedule, checked on resume (see train.check_resume).
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style",
-                  "weight_decay")
+                  "weight_decay", "train_samples", "lr_warmup_init", "lr_warmup_samples",
+                  "lr_warmup_fraction", "lr_decay_samples", "lr_wsd_decay_style",
+                  "lr_wsd_decay_iters", "lr_wsd_decay_samples", "start_weight_decay",
+                  "end_weight_decay", "weight_decay_incr_style")
 
 DEFAULT_CACHE = Path(os.environ.get("STAG_CACHE", Path.home() / ".cache" / "stag_plugin"))
 
@@ -78,20 +85,29 @@ def add_stag_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+            "lr")  # Megatron-LM has no default for these either (its validate_args requires them)
+DEFAULT_VOCAB_SIZE = 8192  # the SentencePiece trained on the corpus, without --tokenizer-type
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model (Megatron-LM names)")
-    g.add_argument("--num-layers", type=int, default=4, help="total depth: sections x layers")
-    g.add_argument("--hidden-size", type=int, default=128)
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
-    g.add_argument("--num-attention-heads", type=int, default=4)
+    g = parser.add_argument_group("model (Megatron-LM's names, meanings and defaults)")
+    g.add_argument("--num-layers", type=int, default=None, help="total depth: sections x layers")
+    g.add_argument("--hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="default 4 x hidden; with --swiglu, 8/3 x hidden rounded down to a "
+                        "multiple of 64")
+    g.add_argument("--num-attention-heads", type=int, default=None)
     g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--num-query-groups", type=int, default=1,
+                   help="key/value heads with --group-query-attention")
     g.add_argument("--kv-channels", type=int, default=None)
-    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="default: --seq-length")
-    g.add_argument("--position-embedding-type", default="rope",
-                   choices=("rope", "learned_absolute", "none"))
+                   help="default: --seq-length (Megatron-LM requires it)")
+    g.add_argument("--position-embedding-type", default="learned_absolute",
+                   choices=("learned_absolute", "rope", "none"),
+                   help="StagFormer's default --stag-cross-attention-rope needs rope")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
     g.add_argument("--normalization", default="LayerNorm", choices=("LayerNorm", "RMSNorm"))
@@ -100,10 +116,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--qk-layernorm", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
-    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--transformer-impl", default="transformer_engine",
+                   choices=("local", "transformer_engine", "inference_optimized"),
+                   help="only local is implemented so far: pass --transformer-impl local")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages; with p sections, p stages puts one section on each")
@@ -113,74 +132,141 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="split norms/dropout activations over the tensor-parallel ranks")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
     add_stag_args(parser)
+    add_runtime_args(parser)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM flags that choose kernels, workers or backends, not what is computed: the
+    local implementation runs unfused kernels and the SDPA attention whatever they say."""
+    g = parser.add_argument_group("kernels and backends (Megatron-LM's; the results do not "
+                                  "depend on them)")
+    for flag, dest in (("--no-masked-softmax-fusion", "masked_softmax_fusion"),
+                       ("--no-bias-gelu-fusion", "bias_gelu_fusion"),
+                       ("--no-bias-swiglu-fusion", "bias_swiglu_fusion"),
+                       ("--no-bias-dropout-fusion", "bias_dropout_fusion"),
+                       ("--no-rope-fusion", "apply_rope_fusion"),
+                       ("--no-gradient-accumulation-fusion", "gradient_accumulation_fusion")):
+        g.add_argument(flag, action="store_false", dest=dest,
+                       help="accepted: stag train runs no fused kernel")
+    g.add_argument("--no-persist-layer-norm", action="store_true",
+                   help="accepted: the norms are torch's")
+    g.add_argument("--disable-jit-fuser", action="store_true",
+                   help="accepted: stag train compiles no JIT fusion")
+    g.add_argument("--use-mcore-models", action="store_true", dest="deprecated_use_mcore_models",
+                   help="accepted: ignored, as in Megatron-LM (deprecated there)")
+    g.add_argument("--use-flash-attn", action="store_true",
+                   help="accepted: with --transformer-impl local Megatron-LM ignores it too")
+    g.add_argument("--attention-backend", default="auto",
+                   choices=("flash", "fused", "unfused", "auto"),
+                   help="accepted: with --transformer-impl local Megatron-LM ignores it too")
+    g.add_argument("--distributed-backend", default="nccl", choices=("nccl", "gloo"),
+                   help="collectives on GPUs (gloo without GPUs)")
+    g.add_argument("--ckpt-format", default="torch_dist",
+                   choices=("torch", "torch_dist", "torch_dcp", "fsdp_dtensor"),
+                   help="only torch_dist is implemented")
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="accepted: samples are read in the training process")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None, metavar="PATH",
-                   help="JSONL files (one {'text': ...} per line), text files or folders; "
+                   help="JSONL files (one {'text': ...} per line), text files or folders; or "
+                        "Megatron .bin/.idx prefixes, optionally weighted (`0.3 a 0.7 b`); "
                         "default: the Python standard library of this interpreter")
+    g.add_argument("--split", default=None,
+                   help="train,valid,test shares of each .bin/.idx prefix's documents "
+                        "(default '969, 30, 1', Megatron-LM's)")
+    g.add_argument("--mock-data", action="store_true",
+                   help="megatron-core's MockGPTDataset instead of --data-path (needs "
+                        "--tokenizer-type, e.g. NullTokenizer --vocab-size N)")
     g.add_argument("--json-keys", nargs=1, default=["text"], metavar="KEY",
                    help="JSONL field holding the text (Megatron-LM preprocess_data's name)")
-    g.add_argument("--vocab-size", type=int, default=8192, help="SentencePiece BPE vocabulary")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="NullTokenizer: its ids; without --tokenizer-type: the pieces of the "
+                        f"SentencePiece trained on the corpus (default {DEFAULT_VOCAB_SIZE})")
     g.add_argument("--data-cache-dir", type=Path, default=DEFAULT_CACHE / "data",
                    help="tokenizer and indexed datasets, reused when the corpus is unchanged")
     g.add_argument("--valid-fraction", type=float, default=0.05)
     g.add_argument("--test-fraction", type=float, default=0.05)
-
-
-# A rank that stopped answering ends the job after this long (Megatron-LM's default on GPUs;
-# a CPU job's collectives take seconds, so it need not wait ten minutes to notice).
-DEFAULT_TIMEOUT_MINUTES = 10.0 if torch.cuda.is_available() else 2.0
+    from stag_plugin.training.data.tokenizers import add_tokenizer_args  # Megatron-LM's flags
+    add_tokenizer_args(g)
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("training (Megatron-LM names)")
-    g.add_argument("--micro-batch-size", type=int, default=4)
+    g = parser.add_argument_group("training (Megatron-LM's names, meanings and defaults)")
+    g.add_argument("--micro-batch-size", type=int, default=None)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro x dp")
-    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="instead of --train-iters: iterations = samples / global batch")
     g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--min-lr", type=float, default=1e-4)
-    g.add_argument("--lr-warmup-iters", type=int, default=10)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--lr-decay-style", default="cosine",
-                   choices=("constant", "linear", "cosine", "inverse-square-root"))
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving) once the iteration is a multiple of this")
+    add_schedule_args(g)
     g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--eval-interval", type=int, default=50)
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="validate every this many iterations (default: at the end only)")
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective waiting longer than this for a rank that stopped "
+                        "answering fails, naming the rank")
+    add_checkpoint_args(g)
+    g.add_argument("--metrics-log", type=Path, default=None,
+                   help="JSON-lines log (default: <save>/metrics.jsonl when --save is given)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_schedule_args(g) -> None:
+    """Learning rate and weight decay, as Megatron-LM's OptimizerParamScheduler takes them."""
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up as a fraction of the decay steps")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="default: --train-samples")
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"))
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=("exponential", "linear", "cosine", "minus_sqrt"))
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: the final decay's iterations")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
+                   help="WSD with --train-samples: the final decay's samples")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", default="constant",
+                   choices=("constant", "linear", "cosine"))
+
+
+def add_checkpoint_args(g) -> None:
     g.add_argument("--save", type=Path, default=None, help="checkpoint folder")
     g.add_argument("--overwrite", action="store_true",
                    help="--save may hold another run: its checkpoints are replaced (removed once "
                         "this run has saved its first one) and its metrics log restarted")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", type=Path, default=None, help="resume from this checkpoint folder")
-    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true", default=None)
+    g.add_argument("--no-load-rng", action="store_true", default=None)
     add_trust_arg(g)
     g.add_argument("--finetune", action="store_true",
                    help="on --load, take the model weights only: iteration 0, fresh optimizer")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks (Megatron's "
                         "DistributedOptimizer)")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
-                   help="a collective waiting longer than this for a rank that stopped "
-                        "answering fails, naming the rank (default: Megatron-LM's 10 minutes "
-                        "on GPUs, 2 on CPU)")
-    g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on --load, use this command's learning-rate schedule flags instead of "
                         "requiring the checkpoint's")
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="stop (after saving) once the iteration is a multiple of this")
-    g.add_argument("--metrics-log", type=Path, default=None,
-                   help="JSON-lines log (default: <save>/metrics.jsonl when --save is given)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 TRUST_HELP = ("unpickle the checkpoint fully instead of admitting only the types torch and "
@@ -199,11 +285,26 @@ def add_config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_with_preset(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse `argv`, taking defaults from the `--config` YAML preset when one is given."""
-    known, _ = parser.parse_known_args(argv)
+    """Parse `argv`, taking defaults from the `--config` YAML preset when one is given. A
+    Megatron-LM flag the parser lacks is refused naming the Megatron-LM entry (NotSupported);
+    any other unknown flag gets argparse's own error."""
+    known, extra = parser.parse_known_args(argv)
+    refuse_megatron_lm_flags(extra)
     if getattr(known, "config", None) is not None:
         parser.set_defaults(**load_preset(known.config, parser))
     return parser.parse_args(argv)
+
+
+def refuse_megatron_lm_flags(words) -> None:
+    """NotSupported for the first Megatron-LM flag among `words` (--flag or --flag=value)."""
+    from stag_plugin.training import megatron_lm_flags
+
+    for word in words:
+        if megatron_lm_flags.is_megatron_lm_flag(word):
+            raise NotSupported(
+                f"{word.split('=', 1)[0]} is a Megatron-LM flag that stag train does not "
+                "implement", f"use {megatron_lm_flags.ENTRY} (the Megatron-LM entry), which "
+                "takes all of Megatron-LM's flags")
 
 
 def load_preset(path: Path, parser: argparse.ArgumentParser) -> dict:
@@ -226,6 +327,7 @@ def load_preset(path: Path, parser: argparse.ArgumentParser) -> dict:
     actions = {action.dest: action for action in parser._actions}
     values = {str(key).replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(values) - set(actions))
+    refuse_megatron_lm_flags("--" + key.replace("_", "-") for key in unknown)
     if unknown:
         raise StagError(f"--config {path}: unknown keys {unknown}", "use flag names "
                          "without dashes, e.g. `num_layers: 4` for --num-layers")
@@ -274,7 +376,13 @@ RANGES = {"lr": _AT_LEAST_0, "min_lr": _AT_LEAST_0, "weight_decay": _AT_LEAST_0,
           "clip_grad": _AT_LEAST_0, "adam_beta1": _FRACTION, "adam_beta2": _FRACTION,
           "adam_eps": _ABOVE_0, "init_method_std": _ABOVE_0, "hidden_dropout": _FRACTION,
           "attention_dropout": _FRACTION, "valid_fraction": _FRACTION,
-          "test_fraction": _FRACTION}
+          "test_fraction": _FRACTION, "lr_warmup_init": _AT_LEAST_0,
+          "lr_warmup_fraction": _FRACTION, "start_weight_decay": _AT_LEAST_0,
+          "end_weight_decay": _AT_LEAST_0}
+# Counts that must be >= 1 when given (warm-ups may be 0).
+POSITIVE = ("train_iters", "train_samples", "seq_length", "micro_batch_size", "eval_iters",
+            "log_interval", "eval_interval", "lr_decay_iters", "lr_decay_samples",
+            "lr_wsd_decay_iters", "lr_wsd_decay_samples")
 
 
 def check_ranges(args: argparse.Namespace) -> None:
@@ -283,34 +391,144 @@ def check_ranges(args: argparse.Namespace) -> None:
         if value is not None and not (math.isfinite(value) and valid(value)):
             raise StagError(f"--{name.replace('_', '-')} {value} is out of range",
                             f"pass a value {span}")
+    for name in POSITIVE:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise StagError(f"--{_flag(name)} must be >= 1, got {value}",
+                            f"pass --{_flag(name)} 1 or more")
+
+
+def _flag(dest: str) -> str:
+    return dest.replace("_", "-")
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill derived defaults the way Megatron-LM does; reject inconsistent training flags."""
+    """Fill derived defaults the way Megatron-LM's validate_args does; reject inconsistent
+    flags. Flags Megatron-LM requires may still be missing (`check_trainable` names them)."""
     check_ranges(args)
-    for flag in ("train_iters", "seq_length", "micro_batch_size", "eval_iters", "log_interval",
-                 "eval_interval"):
-        if getattr(args, flag) < 1:
-            raise StagError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}",
-                            f"pass --{flag.replace('_', '-')} 1 or more")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if args.ffn_hidden_size is None and args.swiglu and args.hidden_size:
+        args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64  # Megatron-LM's
+    if args.vocab_size is None and getattr(args, "tokenizer_type", None) is None:
+        args.vocab_size = DEFAULT_VOCAB_SIZE
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size
-    if args.global_batch_size % args.micro_batch_size:
+    if args.micro_batch_size and args.global_batch_size % args.micro_batch_size:
         raise StagError(f"--global-batch-size {args.global_batch_size} is not a multiple of "
                          f"--micro-batch-size {args.micro_batch_size}", "make it one")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters >= args.lr_decay_iters and args.lr_decay_style != "constant":
-        raise StagError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below "
-                        f"--lr-decay-iters {args.lr_decay_iters} (default: --train-iters)",
-                        "shorten the warm-up or train longer")
-    if args.seq_length > args.max_position_embeddings:
+    finalize_schedule(args)
+    if args.seq_length and args.seq_length > args.max_position_embeddings:
         raise StagError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                          f"{args.max_position_embeddings}", "raise the latter")
     if args.save_interval is not None and args.save is None:
         raise StagError("--save-interval needs --save DIR", "add --save")
     return args
+
+
+# (training length, warm-up, decay, WSD decay) flags, counted in iterations or in samples
+UNITS = {"iterations": ("train_iters", "lr_warmup_iters", "lr_decay_iters", "lr_wsd_decay_iters"),
+         "samples": ("train_samples", "lr_warmup_samples", "lr_decay_samples",
+                     "lr_wsd_decay_samples")}
+
+
+def unit_of(args) -> str:
+    """"samples" with --train-samples, else "iterations" (Megatron-LM's two kinds of run)."""
+    return "samples" if getattr(args, "train_samples", None) is not None else "iterations"
+
+
+def finalize_schedule(args: argparse.Namespace) -> None:
+    """Megatron-LM's iteration- or sample-based schedule: the other kind's flags refused,
+    --train-iters from --train-samples, the decay length defaulting to the training length."""
+    if args.train_iters is not None and args.train_samples is not None:
+        raise StagError("both --train-iters and --train-samples given",
+                        "pass one of them (Megatron-LM takes one)")
+    unit = unit_of(args)
+    other = "iterations" if unit == "samples" else "samples"
+    for ours, theirs in zip(UNITS[unit][1:], UNITS[other][1:]):
+        if getattr(args, theirs) not in (None, 0):
+            raise StagError(f"--{_flag(theirs)} counts {other}, but this run counts {unit} "
+                            f"(--{_flag(UNITS[unit][0])})", f"use --{_flag(ours)}")
+    length, warmup, decay, wsd = UNITS[unit]
+    if unit == "samples" and args.global_batch_size:
+        args.train_iters = _iterations_of(args.train_samples, args.global_batch_size)
+    if getattr(args, decay) is None:
+        setattr(args, decay, getattr(args, length))
+    if args.lr_warmup_fraction is not None and getattr(args, warmup):
+        raise StagError(f"both --lr-warmup-fraction and --{_flag(warmup)} given",
+                        "pass one of them")
+    if args.lr_decay_style == "WSD" and getattr(args, wsd) is None:
+        raise StagError("--lr-decay-style WSD needs the length of its final decay",
+                        f"pass --{_flag(wsd)} N (--lr-wsd-decay-style picks its shape)")
+    _check_warmup(args, warmup, decay)
+    _check_weight_decay(args)
+
+
+def _iterations_of(samples: int, global_batch: int) -> int:
+    if samples < global_batch:
+        raise StagError(f"--train-samples {samples} is less than one global batch "
+                        f"({global_batch})", "train more samples or use a smaller batch")
+    return samples // global_batch
+
+
+def _check_warmup(args, warmup: str, decay: str) -> None:
+    steps = schedule_steps(args)
+    if steps["decay"] is None or args.lr_decay_style == "constant":
+        return
+    if steps["warmup"] >= steps["decay"]:
+        raise StagError(f"the warm-up ({steps['warmup']} {unit_of(args)}) must be shorter than "
+                        f"--{_flag(decay)} {steps['decay']} (default: the training length)",
+                        "shorten the warm-up or train longer")
+    if steps["wsd"] is not None and steps["wsd"] > steps["decay"]:
+        raise StagError(f"the WSD decay ({steps['wsd']}) is longer than --{_flag(decay)} "
+                        f"{steps['decay']}", "shorten it")
+
+
+def _check_weight_decay(args) -> None:
+    """Megatron-LM: --start/--end-weight-decay go with a non-constant increment style only."""
+    given = [f for f in ("start_weight_decay", "end_weight_decay") if getattr(args, f) is not None]
+    if args.weight_decay_incr_style == "constant" and given:
+        raise StagError(f"--{_flag(given[0])} needs --weight-decay-incr-style linear or "
+                        "cosine", "use --weight-decay for a constant weight decay")
+    if args.weight_decay_incr_style != "constant" and len(given) < 2:
+        raise StagError(f"--weight-decay-incr-style {args.weight_decay_incr_style} needs "
+                        "--start-weight-decay and --end-weight-decay", "pass both")
+
+
+def schedule_steps(args) -> dict:
+    """OptimizerParamScheduler's lengths as Megatron-LM's get_optimizer_param_scheduler derives
+    them: "train", "warmup", "decay", "wsd" and "increment" (the steps of one iteration). With
+    --train-samples they count samples, an iteration one global batch; otherwise iterations
+    (Megatron-LM counts those in samples too, iterations x global batch: the same rates)."""
+    unit = unit_of(args)
+    train, warmup, decay, wsd = (getattr(args, flag, None) for flag in UNITS[unit])
+    if getattr(args, "lr_warmup_fraction", None) is not None and decay is not None:
+        warmup = args.lr_warmup_fraction * decay
+    increment = args.global_batch_size if unit == "samples" else 1
+    return dict(train=train, warmup=warmup or 0, decay=decay, wsd=wsd, increment=increment)
+
+
+def check_trainable(args: argparse.Namespace) -> None:
+    """What `stag train` needs on top of finalize_args: every flag Megatron-LM requires, and
+    only what stag train implements (--transformer-impl local, --ckpt-format torch_dist)."""
+    missing = [f"--{_flag(name)}" for name in REQUIRED if getattr(args, name) is None]
+    if args.train_iters is None:
+        missing.append("--train-iters (or --train-samples)")
+    if missing:
+        raise StagError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                        "(Megatron-LM has no default either)", "pass them, or start from a "
+                        "preset: --config configs/tiny_cpu.yaml (command-line flags win)")
+    if args.transformer_impl != "local":
+        from stag_plugin.training.megatron_lm_flags import ENTRY
+
+        raise NotSupported(
+            f"--transformer-impl {args.transformer_impl} is not implemented yet (stag train "
+            "builds the local implementation; transformer_engine is Megatron-LM's default)",
+            f"pass --transformer-impl local (the Megatron-LM entry, {ENTRY}, also needs "
+            "--transformer-impl local for now)")
+    if args.ckpt_format != "torch_dist":
+        raise NotSupported(f"--ckpt-format {args.ckpt_format} is not implemented: stag train "
+                           "writes torch_dist checkpoints", "drop it (torch_dist is Megatron-LM's "
+                           "default)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -330,7 +548,7 @@ def config_from_args(args: argparse.Namespace):
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=_virtual_pipeline_size(args),
-        sequence_parallel=args.sequence_parallel,
+        sequence_parallel=args.sequence_parallel, transformer_impl="local",
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
     )
     if args.swiglu:
@@ -354,8 +572,11 @@ def _virtual_pipeline_size(args):
 
 
 def architecture_of(args: argparse.Namespace, padded_vocab_size: int) -> dict:
-    """The flag values a checkpoint's tensors depend on (compared on --load)."""
+    """The flag values a checkpoint's tensors depend on (compared on --load); --num-query-groups
+    only with --group-query-attention (Megatron-LM ignores it otherwise)."""
     arch = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
+    if not args.group_query_attention:
+        arch["num_query_groups"] = None
     arch["padded_vocab_size"] = padded_vocab_size
     return arch
 

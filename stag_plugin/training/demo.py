@@ -41,7 +41,14 @@ SIZES = {
                   lr_warmup_iters=2, eval_interval=6, eval_iters=2, vocab_size=1024),
 }
 
+# The demo's settings beyond SIZES: each was stag train's default before stag train took
+# Megatron-LM's defaults, so they are given explicitly and the demo's results stay the same.
+FIXED_FLAGS = ["--transformer-impl", "local", "--position-embedding-type", "rope",
+               "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--weight-decay", "0.1",
+               "--adam-beta2", "0.95", "--lr-decay-style", "cosine"]
+
 PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for key, value in ")
+NULL_PROMPTS = ("1 2 3",)  # a NullTokenizer's text is token ids
 
 
 @dataclass
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-path", nargs="+", default=None,
                         help="your corpus instead of the Python standard library")
     parser.add_argument("--data-cache-dir", type=Path, default=arguments.DEFAULT_CACHE / "data")
+    from stag_plugin.training.data.tokenizers import add_tokenizer_args
+
+    add_tokenizer_args(parser.add_argument_group(
+        "tokenizer (default: SentencePiece of the size's vocabulary, trained on the corpus)"))
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--sample-tokens", type=int, default=40)
     parser.add_argument("--no-progress", action="store_true")
@@ -125,10 +136,13 @@ def train_flags(name: str, flags: list, size: dict, options) -> list:
         "--lr-warmup-iters", size["lr_warmup_iters"], "--eval-interval", size["eval_interval"],
         "--eval-iters", size["eval_iters"], "--log-interval", 1, "--vocab-size",
         size["vocab_size"], "--seed", options.seed, "--data-cache-dir", options.data_cache_dir,
-        "--save", options.out / "checkpoints" / name,
+        "--save", options.out / "checkpoints" / name, *FIXED_FLAGS,
     ]
     if options.data_path:
         common += ["--data-path", *options.data_path]
+    for flag in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file"):
+        if getattr(options, flag, None) is not None:
+            common += [f"--{flag.replace('_', '-')}", getattr(options, flag)]
     if options.no_progress:
         common.append("--no-progress")
     return [str(flag) for flag in common + flags]
@@ -147,7 +161,9 @@ def train_variant(name: str, flags: list, size: dict, options) -> ModelResult:
     finally:
         run.log.close()
     seconds = time.perf_counter() - start
-    samples = [greedy_sample(run, prompt, options.sample_tokens) for prompt in PROMPTS]
+    null = getattr(options, "tokenizer_type", None) == "NullTokenizer"
+    prompts = NULL_PROMPTS if null else PROMPTS
+    samples = [greedy_sample(run, prompt, options.sample_tokens) for prompt in prompts]
     return ModelResult(name=name, flags=argv, parameters=result.parameters,
                        valid_loss=result.valid_loss, valid_ppl=math.exp(result.valid_loss),
                        tokens_per_second=result.tokens_per_second, train_seconds=seconds,

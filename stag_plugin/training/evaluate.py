@@ -2,7 +2,9 @@
 
 The model is rebuilt from the flags stored in the checkpoint (`stag_run.json`), so no
 architecture flags are needed; the data is the run's own corpus split, tokenized with the
-tokenizer saved in the checkpoint.
+tokenizer saved in the checkpoint (its `tokenizer/` folder; with the embedded default, the
+SentencePiece model prepared from the corpus, which must equal the saved one). The
+--tokenizer-* flags, when given, must name that same tokenizer.
 
     stag eval --load runs/tiny                 # validation split, every sample once
     stag eval --load runs/tiny --split test
@@ -15,7 +17,9 @@ import math
 import os
 from pathlib import Path
 
+from stag_plugin.errors import StagError
 from stag_plugin.training import arguments, checkpointing, runtime
+from stag_plugin.training.data import tokenizers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "launched world size, 1 without torchrun)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                         help="pipeline stages (TP x PP must divide the launched world size)")
+    tokenizers.add_tokenizer_args(parser.add_argument_group(
+        "tokenizer (default: the checkpoint's own; given flags must name the same tokenizer)"))
     return parser
 
 
@@ -60,8 +66,9 @@ def evaluate_checkpoint(options: argparse.Namespace) -> dict:
         args.micro_batch_size = args.global_batch_size = options.micro_batch_size
     runtime.start(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                   args.distributed_timeout_minutes)
-    data, tokenizer = train.prepare_tokenized_data(args)
-    check_tokenizer(options.load, iteration, data.tokenizer_path)
+    folder = checkpointing.iteration_dir(options.load, iteration)
+    data, tokenizer = train.prepare_tokenized_data(args, tokenizer_source(options, args, folder))
+    check_tokenizer(options.load, iteration, tokenizer)
     vocab = arguments.padded_vocab_size(tokenizer.vocab_size, args)
     checkpointing.check_architecture(options.load, arguments.architecture_of(args, vocab))
     model = runtime.build_model(args, vocab)
@@ -74,12 +81,29 @@ def evaluate_checkpoint(options: argparse.Namespace) -> dict:
                 split=options.split)
 
 
-def check_tokenizer(root: Path, iteration: int, prepared_model: str) -> None:
-    saved = checkpointing.iteration_dir(root, iteration) / checkpointing.TOKENIZER_FILE
-    if saved.is_file() and saved.read_bytes() != Path(prepared_model).read_bytes():
+def tokenizer_source(options, args, folder: Path):
+    """What tokenizes the split: the --tokenizer-* flags when given, else the tokenizer saved in
+    the checkpoint `folder`; None for the embedded default (SentencePiece prepared from the
+    corpus as in training, then compared with the saved one)."""
+    given = tokenizers.source_from_args(options, vocab_size=args.vocab_size)
+    if given is not None:
+        return given
+    inside = tokenizers.saved_tokenizer_folder(folder)
+    if inside is None or tokenizers.read_spec(inside).type == tokenizers.STAG:
+        return None
+    return tokenizers.source_of_folder(inside)
+
+
+def check_tokenizer(root: Path, iteration: int, tokenizer) -> None:
+    """The tokenizer of the prepared data must be the checkpoint's (same identity)."""
+    folder = checkpointing.iteration_dir(root, iteration)
+    saved, ours = tokenizers.saved_spec(folder), tokenizers.spec_of(tokenizer)
+    if saved is not None and saved.identity != ours.identity:
         raise checkpointing.CheckpointError(
-            f"the data prepared for {root} uses another tokenizer than the one saved with the "
-            f"checkpoint ({saved})", "point --data-cache-dir at the training run's cache")
+            f"the data prepared for {root} uses another tokenizer ({ours.describe()}) than the "
+            f"one saved with the checkpoint ({saved.describe()}, in {folder})",
+            "drop the --tokenizer-* flags (the checkpoint's own tokenizer is used), or point "
+            "--data-cache-dir at the training run's cache")
 
 
 def split_dataset(args, data, tokenizer, split: str):
@@ -87,5 +111,11 @@ def split_dataset(args, data, tokenizer, split: str):
 
     datasets = build_gpt_datasets(data, tokenizer, seq_length=args.seq_length, seed=args.seed,
                                   num_samples=(1, None, None))
-    return datasets[1] if split == "valid" else datasets[2]
+    dataset = datasets[1] if split == "valid" else datasets[2]
+    if dataset is None or len(dataset) == 0:
+        raise StagError(f"the {split} split of this data holds no documents",
+                        "evaluate the other split (--split valid|test), or give it a share "
+                        "(--split of Megatron-LM data, --valid-fraction / --test-fraction of "
+                        "text)")
+    return dataset
 

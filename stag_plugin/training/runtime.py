@@ -32,16 +32,17 @@ from stag_plugin.training import arguments, checkpointing
 
 
 def start(tensor_parallel: int = 1, pipeline_parallel: int = 1, timeout_minutes: float = 10.0,
-          seed: Optional[int] = None) -> None:
-    """Bring the process up: distributed world and parallel state, CPU compatibility, seeds."""
-    setup_distributed(tensor_parallel, pipeline_parallel, timeout_minutes)
+          seed: Optional[int] = None, backend: str = "nccl") -> None:
+    """Bring the process up: distributed world and parallel state, CPU compatibility, seeds.
+    `backend`: the collectives' on GPUs (--distributed-backend); gloo without GPUs."""
+    setup_distributed(tensor_parallel, pipeline_parallel, timeout_minutes, backend)
     apply_cpu_compat()
     if seed is not None:
         set_seed(seed)
 
 
 def setup_distributed(tensor_parallel: int, pipeline_parallel: int = 1,
-                      timeout_minutes: float = 10.0) -> None:
+                      timeout_minutes: float = 10.0, backend: str = "nccl") -> None:
     """Use torchrun's world when launched by it, else a world of one; (re)build parallel state.
 
     Data parallel takes the rest of the world. Every collective (gloo or NCCL) fails after
@@ -63,7 +64,7 @@ def setup_distributed(tensor_parallel: int, pipeline_parallel: int = 1,
         if world == 1:
             initialize_single_process(tensor_parallel)
             return
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend=backend,
                                              timeout=timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
@@ -116,7 +117,8 @@ def saved_args(record: dict, tensor_parallel: int = 1,
 
 def run_record(args, iteration: int, padded_vocab: int, tokenizer: dict) -> dict:
     """stag_run.json: the flags, the architecture they fix and the tokenizer of a checkpoint
-    (`tokenizer`: {"vocab_size": ..., "eod": ...})."""
+    (`tokenizer`: TokenizerSpec.to_json(), with "type", "vocab_size", "eod", ...; records
+    written before tokenizer types hold {"vocab_size": ..., "eod": ...} only)."""
     return {"iteration": iteration, "args": vars(args),
             "architecture": arguments.architecture_of(args, padded_vocab), "tokenizer": tokenizer}
 
@@ -156,28 +158,45 @@ def build_optimizer(args, model: list):
     DDP's no_sync."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from stag_plugin.parallel.pipeline import with_replica_sync
 
+    lr = args.lr if args.lr is not None else 0.0  # none given: a conversion (no training)
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, lr=lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16,
         use_distributed_optimizer=args.use_distributed_optimizer,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32), model)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
-        override_opt_param_scheduler=args.override_opt_param_scheduler)
+    scheduler = build_scheduler(args, optimizer)
     config = model[0].config
     config.finalize_model_grads_func = with_replica_sync(finalize_model_grads)
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model[0].no_sync
     return optimizer, scheduler
+
+
+def build_scheduler(args, optimizer):
+    """Megatron's OptimizerParamScheduler as Megatron-LM's get_optimizer_param_scheduler builds
+    it (lengths: arguments.schedule_steps; --start/--end-weight-decay default --weight-decay)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    steps = arguments.schedule_steps(args)
+    start_wd, end_wd = (args.weight_decay if value is None else value
+                        for value in (args.start_weight_decay, args.end_weight_decay))
+    if args.lr is None or steps["decay"] is None:  # no schedule asked for (a conversion that
+        return OptimizerParamScheduler(            # writes a fresh optimizer): a rate of 0
+            optimizer, init_lr=0.0, max_lr=0.0, min_lr=0.0, lr_warmup_steps=0, lr_decay_steps=1,
+            lr_decay_style="constant", start_wd=start_wd, end_wd=end_wd, wd_incr_steps=1,
+            wd_incr_style="constant")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=steps["warmup"], lr_decay_steps=steps["decay"],
+        lr_decay_style=args.lr_decay_style, start_wd=start_wd, end_wd=end_wd,
+        wd_incr_steps=steps["train"], wd_incr_style=args.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=steps["wsd"], lr_wsd_decay_style=args.lr_wsd_decay_style)
 
 
 def unwrap(chunk):

@@ -67,7 +67,8 @@ class Run:
 
 
 def build_parser(prog: str = "stag train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)  # as Megatron-LM's
     arguments.add_config_arg(parser)
     arguments.add_model_args(parser)
     arguments.add_data_args(parser)
@@ -148,15 +149,17 @@ def _world_size() -> int:
 
 def setup(args: argparse.Namespace) -> Run:
     """Validate everything that can be wrong before any output is written, then build."""
+    arguments.check_trainable(args)
     config = arguments.config_from_args(args)
     check_save_target(args)
     runtime.start(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.distributed_timeout_minutes, seed=args.seed)
+                  args.distributed_timeout_minutes, seed=args.seed,
+                  backend=args.distributed_backend)
     data, tokenizer = prepare_tokenized_data(args)
     vocab = arguments.padded_vocab_size(tokenizer.vocab_size, args)
     if args.load is not None:
         check_load_target(args, vocab)
-        check_resume_data(args, data)
+        check_resume_data(args, data, tokenizer)
     model = runtime.build_model(args, vocab, config)
     optimizer, scheduler = runtime.build_optimizer(args, model)
     train_ds, valid_ds = build_datasets(args, data, tokenizer)
@@ -167,19 +170,50 @@ def setup(args: argparse.Namespace) -> Run:
     return run
 
 
-def prepare_tokenized_data(args):
-    """Corpus -> tokenizer -> indexed datasets on rank 0 (cached); other ranks read the result."""
-    from stag_plugin.training.data import PreparedData, StagTokenizer, prepare_data
+def prepare_tokenized_data(args, source=None):
+    """Corpus -> tokenizer -> indexed datasets on rank 0 (cached); other ranks read the result.
+    The tokenizer: `source` (a data.tokenizers.TokenizerSource), else the one the
+    --tokenizer-* flags name, else SentencePiece trained on the corpus (the embedded default).
+    Returns (PreparedData, tokenizer); for Megatron-LM's --data-path prefixes or --mock-data,
+    (MegatronData, tokenizer), see prepare_megatron_data."""
+    from stag_plugin.training.data import PreparedData, prepare_data, tokenizers, uses_megatron_data
 
+    source = source if source is not None else tokenizers.source_from_args(args)
+    if uses_megatron_data(args.data_path, getattr(args, "mock_data", False)):
+        return prepare_megatron_data(args, source)
+    if getattr(args, "split", None) is not None:
+        raise StagError(f"--split {args.split!r} splits Megatron .bin/.idx prefixes, not a "
+                        "corpus", "split a corpus with --valid-fraction and --test-fraction")
     if _is_logging_rank():
         data = prepare_data(args.data_path, args.data_cache_dir, vocab_size=args.vocab_size,
                             valid_fraction=args.valid_fraction,
                             test_fraction=args.test_fraction, json_key=args.json_keys[0],
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, tokenizer=source)
     _wait_for_rank0("stag_data_ready")  # however long preparing takes (no collective timeout)
     if not _is_logging_rank():
         data = PreparedData.from_manifest(args.data_cache_dir)
-    return data, StagTokenizer.load(data.tokenizer_path)
+    return data, tokenizers.load_prepared(data)
+
+
+def prepare_megatron_data(args, source):
+    """Megatron-LM's --data-path prefixes (weights, --split) or --mock-data: the ids are in the
+    data already, so the tokenizer is the one the --tokenizer-* flags name (`source`), written
+    to <data-cache-dir>/tokenizer-<id16>/ on rank 0. Returns (MegatronData, tokenizer)."""
+    from stag_plugin.training.data import MegatronData, tokenizers
+
+    data = MegatronData.from_flags(args.data_path, args.split, args.mock_data,
+                                   args.data_cache_dir)
+    if source is None:
+        raise StagError(f"{data.describe()} holds token ids already: training needs the "
+                        "tokenizer that made them", "pass --tokenizer-type and its files, e.g. "
+                        "--tokenizer-type NullTokenizer --vocab-size N")
+    if not data.mock:
+        args.split = data.split  # Megatron-LM's default when none is given
+    folder = Path(args.data_cache_dir) / f"tokenizer-{source.identity[:16]}"
+    if _is_logging_rank():
+        tokenizers.materialize(source, folder)
+    _wait_for_rank0("stag_tokenizer_ready")
+    return data, tokenizers.load_folder(folder)
 
 
 def check_save_target(args) -> None:
@@ -195,17 +229,25 @@ def check_save_target(args) -> None:
                         "--overwrite to replace its checkpoints")
 
 
-def check_resume_data(args, data) -> None:
+TOKENIZER_FLAGS = ("data_path", "vocab_size", "json_keys", "tokenizer_type", "tokenizer_model",
+                   "vocab_file", "merge_file")
+
+
+def check_resume_data(args, data, tokenizer) -> None:
     """A resume reads the data and tokenizer the checkpoint was trained on: another tokenizer
-    would give the trained embeddings other token ids; other data (without --finetune) would
-    not continue the run."""
+    (another identity: type, files' sha256, options) would give the trained embeddings other
+    token ids; other data (without --finetune) would not continue the run."""
+    from stag_plugin.training.data import tokenizers
+
     iteration, run = checkpointing.read_run(args.load)
-    saved = checkpointing.iteration_dir(args.load, iteration) / checkpointing.TOKENIZER_FILE
-    flags = {f: run["args"].get(f) for f in ("data_path", "vocab_size", "json_keys")}
-    if saved.is_file() and saved.read_bytes() != Path(data.tokenizer_path).read_bytes():
-        raise StagError(f"the tokenizer of this run's data is not the one saved with --load "
-                        f"{args.load} (the checkpoint was trained with {flags})",
-                        "pass the checkpoint's data flags")
+    saved = tokenizers.saved_spec(checkpointing.iteration_dir(args.load, iteration))
+    ours = tokenizers.spec_of(tokenizer)
+    flags = {f: run["args"].get(f) for f in TOKENIZER_FLAGS if run["args"].get(f) is not None}
+    if saved is not None and saved.identity != ours.identity:
+        raise StagError(f"the tokenizer of this run's data ({ours.describe()}) is not the one "
+                        f"saved with --load {args.load} ({saved.describe()}; the checkpoint was "
+                        f"trained with {flags})", "pass the checkpoint's data and tokenizer "
+                        "flags (its files are in the checkpoint's tokenizer/ folder)")
     if not args.finetune and _paths(run["args"].get("data_path")) != _paths(args.data_path):
         raise StagError(f"resuming {args.load} on other data: --data-path {args.data_path} "
                         f"(checkpoint: {run['args'].get('data_path')})",
@@ -225,7 +267,7 @@ def check_load_target(args, vocab: int) -> None:
     checkpointing.check_architecture(args.load, arguments.architecture_of(args, vocab))
     if args.no_load_optim or args.override_opt_param_scheduler or args.finetune:
         return
-    saved = checkpointing.read_run(args.load)[1]["args"]
+    saved = {**vars(runtime.default_args()), **checkpointing.read_run(args.load)[1]["args"]}
     diffs = [f"--{flag.replace('_', '-')} {getattr(args, flag)} (checkpoint: {saved.get(flag)})"
              for flag in arguments.SCHEDULE_FLAGS if saved.get(flag) != getattr(args, flag)]
     if diffs:
@@ -235,12 +277,16 @@ def check_load_target(args, vocab: int) -> None:
 
 
 def build_datasets(args, data, tokenizer):
-    from stag_plugin.training.data import build_gpt_datasets
+    from stag_plugin.training.data import MegatronData, build_gpt_datasets
 
     valid_samples = args.eval_iters * args.global_batch_size
+    test_samples = valid_samples if isinstance(data, MegatronData) else None  # Megatron-LM's
     train_ds, valid_ds, _ = build_gpt_datasets(
         data, tokenizer, seq_length=args.seq_length, seed=args.seed,
-        num_samples=(args.train_iters * args.global_batch_size, valid_samples, None))
+        num_samples=(args.train_iters * args.global_batch_size, valid_samples, test_samples))
+    if train_ds is None or valid_ds is None:
+        raise StagError(f"the data gives the {'train' if train_ds is None else 'valid'} split no "
+                        "documents", "give it a share (--split, --valid-fraction) or more data")
     return train_ds, valid_ds
 
 
@@ -263,7 +309,8 @@ def train_loop(run: Run, check_stop=lambda: None) -> TrainResult:
                         tok_s=f"{timer.tokens_per_second():.0f}")
         if run.iteration % args.log_interval == 0 or run.iteration == args.train_iters:
             log_step(run, bar, stats, timer.tokens_per_second())
-        if run.iteration % args.eval_interval == 0 and run.iteration < args.train_iters:
+        if args.eval_interval and run.iteration % args.eval_interval == 0 and \
+                run.iteration < args.train_iters:
             run_validation(run, bar)
         if _should_save(args, run.iteration):
             save(run)
@@ -296,8 +343,8 @@ def train_step(run: Run) -> dict:
         **pipeline_kwargs(run.model))
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
     succeeded, grad_norm, _ = run.optimizer.step()
-    if succeeded:
-        run.scheduler.step(increment=1)
+    if succeeded:  # one iteration's steps: 1, or a global batch of samples (--train-samples)
+        run.scheduler.step(increment=arguments.schedule_steps(args)["increment"])
     run.consumed_samples += args.global_batch_size
     return dict(loss=reduce_loss(reports), lr=lr,
                 grad_norm=float(grad_norm) if grad_norm is not None else None,
@@ -429,11 +476,13 @@ def checkpoint_state(run: Run, loading: bool = False) -> dict:
 
 
 def save(run: Run) -> Path:
+    from stag_plugin.training.data import tokenizers
+
     args = run.args
     record = runtime.run_record(args, run.iteration, _vocab(run),
-                        {"vocab_size": run.tokenizer.vocab_size, "eod": run.tokenizer.eod})
+                                tokenizers.spec_of(run.tokenizer).to_json())
     path = checkpointing.save_checkpoint(args.save, run.iteration, checkpoint_state(run), record,
-                                         tokenizer_model=Path(run.data.tokenizer_path))
+                                         tokenizer=run.tokenizer)
     run.saved_iteration = run.iteration
     if args.overwrite and not run.replaced_old_run:  # the new run's first checkpoint exists now
         checkpointing.remove_iterations(args.save, keep=run.iteration)

@@ -1,4 +1,5 @@
-"""Data pipeline: corpus -> split -> SentencePiece tokenizer -> Megatron datasets.
+"""Data pipeline: corpus -> split -> tokenizer (SentencePiece trained on the corpus, or a
+Megatron-LM --tokenizer-type) -> Megatron datasets.
 
     from stag_plugin.training.data import prepare_data, build_gpt_datasets, batch_from_samples
     prepared = prepare_data(None, "runs/data")            # the Python stdlib, vocab 8192
@@ -7,8 +8,11 @@
     batch = batch_from_samples([train_ds[i] for i in range(4)])   # tokens [4, 512], ...
 
 Modules: `corpus` (documents and the hash split, no Megatron import), `tokenizer` (SentencePiece
-training, cache and `StagTokenizer`), `indexed` (`prepare_data`, GPTDataset, collate). Names are
-imported lazily so `stag_plugin.training.data.corpus` stays light.
+training, cache and `StagTokenizer`, the embedded default), `tokenizers` (Megatron-LM's
+--tokenizer-type tokenizers through megatron-core, and the description every checkpoint keeps),
+`indexed` (`prepare_data`, GPTDataset, collate), `megatron_data` (Megatron-LM's --data-path
+prefixes with weights and --split, --mock-data: data tokenized already). Names are imported
+lazily so `stag_plugin.training.data.corpus` stays light.
 """
 
 _LAZY = {
@@ -27,6 +31,8 @@ _LAZY = {
     "write_indexed_dataset": "stag_plugin.training.data.indexed",
     "build_gpt_datasets": "stag_plugin.training.data.indexed",
     "batch_from_samples": "stag_plugin.training.data.indexed",
+    "MegatronData": "stag_plugin.training.data.megatron_data",
+    "uses_megatron_data": "stag_plugin.training.data.megatron_data",
 }
 
 __all__ = sorted(_LAZY)

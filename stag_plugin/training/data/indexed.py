@@ -3,6 +3,9 @@
 `prepare_data` turns a corpus into an output folder:
 
     <output_dir>/tokenizer-<key16>/spm.model     SentencePiece model trained on the train split
+                                                 (the embedded default), or
+    <output_dir>/tokenizer-<id16>/               the given tokenizer's folder (its files and
+                                                 stag_tokenizer.json; see data.tokenizers)
     <output_dir>/{train,valid,test}_text_document.{bin,idx}
                                                  Megatron indexed datasets: one document per
                                                  file / JSONL record, each followed by one eod
@@ -10,10 +13,12 @@
     <output_dir>/cache/<key16>/                  GPTDataset index cache (built on first use)
 
 The folder is keyed by content (every document id and text hash, the split fractions' outcome,
-the tokenizer key): a second call with the same inputs returns the manifest's result without
-tokenizing or writing anything. Writing is crash-safe: the manifest is removed before any dataset
-file is replaced and written (atomically) after all of them, and each `.bin`/`.idx` is written
-under a temporary name and renamed. Every input error is raised before the folder is touched.
+the tokenizer key: the trained tokenizer's cache key, or a given tokenizer's identity, so two
+tokenizers never share datasets): a second call with the same inputs returns the manifest's
+result without tokenizing or writing anything. Writing is crash-safe: the manifest is removed
+before any dataset file is replaced and written (atomically) after all of them, and each
+`.bin`/`.idx` is written under a temporary name and renamed. Every input error is raised
+before the folder is touched.
 
 `build_gpt_datasets` builds Megatron's GPTDataset for each split with
 BlendedMegatronDatasetBuilder, and `batch_from_samples` collates its samples.
@@ -34,6 +39,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+from stag_plugin.training.data import tokenizers
 from stag_plugin.training.data.corpus import (
     SPLITS,
     DataError,
@@ -41,6 +47,7 @@ from stag_plugin.training.data.corpus import (
     load_corpus,
     split_documents,
 )
+from stag_plugin.training.data.megatron_data import MegatronData, build_megatron_datasets
 from stag_plugin.training.data.tokenizer import StagTokenizer, tokenizer_cache_key, train_tokenizer
 
 DATA_VERSION = 1  # bump when the on-disk layout or document encoding changes
@@ -54,8 +61,8 @@ class PreparedData:
 
     output_dir: Path
     key: str  # sha256 content key of this folder's data
-    tokenizer_path: Path  # <output_dir>/tokenizer-<key16>/spm.model
-    tokenizer_sha256: str
+    tokenizer_path: Path  # <output_dir>/tokenizer-<key16>/spm.model, or .../stag_tokenizer.json
+    tokenizer_sha256: str  # the SentencePiece model's sha256, or the given tokenizer's identity
     vocab_size: int
     prefixes: dict[str, str]  # split -> "<output_dir>/<split>_text_document"; absent if empty
     num_documents: dict[str, int]  # split -> documents written
@@ -113,33 +120,40 @@ def prepare_data(
     test_fraction: float = 0.05,
     json_key: str = "text",
     progress: bool = True,
+    tokenizer: Optional[tokenizers.TokenizerSource] = None,
 ) -> PreparedData:
-    """Load, split, train the tokenizer on train, and write one indexed dataset per split.
+    """Load, split, tokenize, and write one indexed dataset per split.
 
-    `data_paths` None/empty means the Python standard library. Returns the cached result without
+    `data_paths` None/empty means the Python standard library. `tokenizer` None trains a
+    SentencePiece tokenizer of `vocab_size` pieces on the train split (the embedded default);
+    a TokenizerSource (the --tokenizer-* flags) is copied into the folder and used instead.
+    Every document ends with the tokenizer's eod id. Returns the cached result without
     rewriting anything when the folder already holds data for exactly these inputs.
     """
-    _check_vocab_size(vocab_size)
+    if tokenizer is None:
+        _check_vocab_size(vocab_size)
     corpus = load_corpus(data_paths, json_key)
     splits = split_documents(corpus.documents, valid_fraction, test_fraction)
     output_dir = Path(output_dir).resolve()
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"output folder {output_dir} is a file", "pass a folder path.")
     fractions = {"valid": valid_fraction, "test": test_fraction}
-    key = _data_key(splits, fractions, tokenizer_cache_key(splits["train"], vocab_size))
+    tokenizer_key = (tokenizer_cache_key(splits["train"], vocab_size) if tokenizer is None
+                     else tokenizer.identity)
+    key = _data_key(splits, fractions, tokenizer_key)
     cached = _load_if_current(output_dir, key)
     if cached is not None:
         return cached
-    tokenizer_path = train_tokenizer(splits["train"], output_dir, vocab_size)
-    tokenizer = StagTokenizer(tokenizer_path)
+    tokenizer_path, built = _prepare_tokenizer(tokenizer, tokenizer_key, splits, output_dir,
+                                               vocab_size)
     (output_dir / MANIFEST).unlink(missing_ok=True)  # invalid until every file is rewritten
-    prefixes, num_docs, num_tokens = _write_splits(output_dir, splits, tokenizer, progress)
+    prefixes, num_docs, num_tokens = _write_splits(output_dir, splits, built, progress)
     prepared = PreparedData(
         output_dir=output_dir,
         key=key,
         tokenizer_path=tokenizer_path,
-        tokenizer_sha256=tokenizer.model_sha256,
-        vocab_size=tokenizer.vocab_size,
+        tokenizer_sha256=tokenizers.fingerprint(built),
+        vocab_size=built.vocab_size,
         prefixes=prefixes,
         num_documents=num_docs,
         num_tokens=num_tokens,
@@ -148,6 +162,16 @@ def prepare_data(
     )
     _write_json_atomically(output_dir / MANIFEST, prepared.to_manifest())
     return prepared
+
+
+def _prepare_tokenizer(source, key: str, splits, output_dir: Path, vocab_size: int):
+    """(tokenizer_path, tokenizer): SentencePiece trained on the train split (cached by `key`),
+    or `source` written as `<output_dir>/tokenizer-<key16>/` and built from there."""
+    if source is None:
+        path = train_tokenizer(splits["train"], output_dir, vocab_size)
+        return path, StagTokenizer(path)
+    built = tokenizers.materialize(source, output_dir / f"tokenizer-{key[:16]}")
+    return built.folder / tokenizers.SPEC_FILE, built
 
 
 def _write_splits(output_dir: Path, splits: dict[str, list[Document]], tokenizer, progress: bool):
@@ -206,7 +230,7 @@ def _load_if_current(output_dir: Path, key: str) -> Optional[PreparedData]:
 
 
 def _encode(
-    tokenizer: StagTokenizer, docs: Sequence[Document], progress: bool, desc: str
+    tokenizer, docs: Sequence[Document], progress: bool, desc: str
 ) -> Iterator[list[int]]:
     """Token ids of each document followed by one eod, in order, with a tqdm bar."""
     from tqdm.auto import tqdm
@@ -270,7 +294,7 @@ def _write_json_atomically(path: Path, data: dict) -> None:
 
 def build_gpt_datasets(
     prepared: PreparedData,
-    tokenizer: Optional[StagTokenizer],
+    tokenizer,
     seq_length: int,
     seed: int,
     num_samples: tuple[Optional[int], Optional[int], Optional[int]],
@@ -283,8 +307,12 @@ def build_gpt_datasets(
     Each sample is a window of seq_length + 1 tokens of the split's documents concatenated in a
     seeded shuffled order: tokens = window[:-1], labels = window[1:]. Works with and without
     torch.distributed (with it, rank 0 builds the index cache first; call on every rank).
+    `prepared` may also be a megatron_data.MegatronData (Megatron-LM's --data-path prefixes
+    and --split, or --mock-data): its datasets as Megatron-LM builds them.
     """
-    tokenizer = tokenizer if tokenizer is not None else StagTokenizer(prepared.tokenizer_path)
+    if isinstance(prepared, MegatronData):
+        return tuple(build_megatron_datasets(prepared, tokenizer, seq_length, seed, num_samples))
+    tokenizer = tokenizer if tokenizer is not None else tokenizers.load_prepared(prepared)
     _check_gpt_request(prepared, tokenizer, seq_length, num_samples)
     blends = [([prepared.prefixes[s]], None) if s in prepared.prefixes else None for s in SPLITS]
     config = GPTDatasetConfig(
@@ -308,10 +336,10 @@ def build_gpt_datasets(
 
 def _check_gpt_request(prepared, tokenizer, seq_length, num_samples) -> None:
     """Clear errors for a mismatched tokenizer, a bad length, or a split shorter than a sample."""
-    if tokenizer.model_sha256 != prepared.tokenizer_sha256:
+    if tokenizers.fingerprint(tokenizer) != prepared.tokenizer_sha256:
         raise DataError(
             f"tokenizer {tokenizer.path} is not the one {prepared.output_dir} was prepared with "
-            f"({prepared.tokenizer_path})", "load StagTokenizer(prepared.tokenizer_path)."
+            f"({prepared.tokenizer_path})", "load tokenizers.load_prepared(prepared)."
         )
     if not isinstance(seq_length, int) or seq_length <= 0:
         raise DataError(f"seq_length must be a positive int, got {seq_length!r}",
