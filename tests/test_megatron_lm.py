@@ -1,34 +1,32 @@
-"""Megatron-LM integration (stag_plugin.integrations.megatron_lm, examples/megatron_lm, patches/).
+"""Megatron-LM integration (stag_plugin.integrations.megatron_lm): flags, calling conventions,
+model providers and builders, without running a training loop (tests/test_megatron_lm_training.py
+runs Megatron-LM's own loop).
 
-Tests marked `checkout` need a Megatron-LM checkout: set MEGATRON_LM_PATH to one at tag
-core_v0.16.1 (plus `pip install six regex einops pyyaml pydantic triton`). The others run always.
+Tests taking `megatron_args` need Megatron-LM's `megatron.training`: from a checkout
+(MEGATRON_LM_PATH, of the installed megatron-core's release line), or the copy megatron-core 0.19
+installs (so they run in CI on `.venv-mcore`). The others run always.
 """
 
 import argparse
 import contextlib
-import importlib.util
 import inspect
 import io
 import os
-import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from megatron_lm_cpu import install_override_shim
 
 from stag_plugin import StagFormerConfig, StagGPTModel
 from stag_plugin.compat.megatron import megatron_lm_pretrain_api
 from stag_plugin.integrations import megatron_lm
+from stag_plugin.integrations.megatron_lm import entry
 from stag_plugin.training.arguments import STAG_FLAGS, add_stag_args
 
-REPO = Path(__file__).resolve().parents[1]
-ENTRY = REPO / "examples" / "megatron_lm" / "pretrain_stag.py"
-PATCH = REPO / "patches" / "pretrain_gpt.patch"
 CHECKOUT = os.environ.get("MEGATRON_LM_PATH")
-NEEDS_CHECKOUT = ("set MEGATRON_LM_PATH to a Megatron-LM checkout at tag core_v0.16.1 (and "
-                  "`pip install six regex einops pyyaml pydantic triton`) to run this test")
+install_override_shim()  # Megatron-LM 0.19's files on Python 3.11 (test-only)
 
 COMMAND_LINE = (
     "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -65,9 +63,10 @@ def pretrain_0_19(cfg_container, train_valid_test_dataset_provider, model_type, 
     return dict(api="config", **{k: v for k, v in locals().items()})
 
 
-@pytest.mark.parametrize("pretrain", [pretrain_0_16, pretrain_0_18, pretrain_0_19])
-def test_pretrain_api_from_signature(pretrain):
-    expected = "positional" if pretrain is pretrain_0_16 else "config"
+@pytest.mark.parametrize("pretrain, expected", [(pretrain_0_16, "positional"),
+                                                (pretrain_0_18, "config"),
+                                                (pretrain_0_19, "model_config")])
+def test_pretrain_api_from_signature(pretrain, expected):
     assert megatron_lm_pretrain_api(pretrain) == expected
 
 
@@ -78,7 +77,7 @@ def test_pretrain_api_unknown_signature_is_refused():
 
 def _providers():
     return dict(train_valid_test_dataset_provider=lambda n: None,
-                model_provider=megatron_lm.model_provider, forward_step_func=lambda it, m: None)
+                forward_step_func=lambda it, m: None)
 
 
 def test_run_pretrain_positional_api_passes_the_stag_flags():
@@ -91,29 +90,51 @@ def test_run_pretrain_positional_api_passes_the_stag_flags():
     assert called["extra_args_provider"] is add_stag_args
     assert called["args_defaults"] == {"tokenizer_type": "NullTokenizer"}
     assert called["model_type"] == ModelType.encoder_or_decoder
+    assert called["model_provider"] is megatron_lm.model_provider
+    assert called["get_embedding_ranks"] is megatron_lm.get_embedding_ranks
     for name, provider in providers.items():
         assert called[name] is provider
 
 
-@pytest.mark.parametrize("pretrain", [pretrain_0_18, pretrain_0_19])
-def test_run_pretrain_config_api_builds_the_container(pretrain, monkeypatch):
+@pytest.mark.parametrize("pretrain, with_model_config", [(pretrain_0_18, False),
+                                                         (pretrain_0_19, True)])
+def test_run_pretrain_config_api_builds_the_container(pretrain, with_model_config,
+                                                      monkeypatch):
+    """0.18: a container without a model config, the model from model_provider; 0.19: a
+    container holding the StagGPTModelConfig, no model provider (deprecated there)."""
     seen = {}
 
-    def container(extra_args_provider, args_defaults):
-        seen.update(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
+    def container(extra_args_provider, args_defaults, with_model_config):
+        seen.update(extra=extra_args_provider, defaults=args_defaults, model=with_model_config)
         return "container"
 
-    monkeypatch.setattr(megatron_lm, "pretrain_config_container", container)
-    providers = _providers()
-    called = megatron_lm.run_pretrain(*providers.values(), pretrain=pretrain)
+    monkeypatch.setattr(entry, "pretrain_config_container", container)
+    called = megatron_lm.run_pretrain(*_providers().values(), pretrain=pretrain)
     assert called["cfg_container"] == "container"
-    assert called["model_provider"] is megatron_lm.model_provider  # by keyword, in 0.19 too
-    assert seen == dict(extra_args_provider=add_stag_args, args_defaults={})
+    assert seen == dict(extra=add_stag_args, defaults={}, model=with_model_config)
+    expected_provider = None if with_model_config else megatron_lm.model_provider
+    assert called["model_provider"] is expected_provider
+    assert called["get_embedding_ranks"] is megatron_lm.get_embedding_ranks
+
+
+def test_embedding_ranks_are_the_first_stage_alone():
+    assert megatron_lm.get_embedding_ranks([3, 5, 7]) == [3]
+
+
+def test_opt_in_flags_keep_a_gpt_script_a_gpt():
+    """A patched pretrain_gpt.py parses the --stag-* flags with --stag-num-sections 1 by
+    default: without them it trains its GPT."""
+    parser = megatron_lm.add_stag_args_opt_in(argparse.ArgumentParser())
+    assert not megatron_lm.uses_stag_model(parser.parse_args([]))
+    assert megatron_lm.uses_stag_model(parser.parse_args(["--stag-num-sections", "2"]))
+    assert megatron_lm.uses_stag_model(add_stag_args(argparse.ArgumentParser()).parse_args([]))
 
 
 def test_model_provider_refuses_virtual_pipeline():
     with pytest.raises(NotImplementedError, match="interleaved .virtual. pipeline"):
         megatron_lm.model_provider(pre_process=True, post_process=False, vp_stage=0)
+    with pytest.raises(NotImplementedError, match="interleaved .virtual. pipeline"):
+        megatron_lm.model.refuse_virtual_stage(1)
     args = argparse.Namespace(virtual_pipeline_model_parallel_size=2)
     with pytest.raises(NotImplementedError, match="--num-layers-per-virtual-pipeline-stage"):
         megatron_lm.check_megatron_lm_args(args)
@@ -124,6 +145,17 @@ def test_unsupported_megatron_lm_options_are_refused(name):
     args = argparse.Namespace(virtual_pipeline_model_parallel_size=None, **{name: 1})
     with pytest.raises(NotImplementedError, match=f"--{name.replace('_', '-')}"):
         megatron_lm.check_megatron_lm_args(args)
+
+
+def test_transformer_engine_layers_are_refused_not_replaced():
+    """Megatron-LM's default --transformer-impl transformer_engine is refused by name (the
+    model would otherwise silently be built from local layers)."""
+    args = argparse.Namespace(virtual_pipeline_model_parallel_size=None,
+                              transformer_impl="transformer_engine")
+    with pytest.raises(NotImplementedError, match="--transformer-impl transformer_engine.*"
+                                                  "pass --transformer-impl local"):
+        megatron_lm.check_megatron_lm_args(args)
+    megatron_lm.check_megatron_lm_args(argparse.Namespace(transformer_impl="local"))
 
 
 @pytest.mark.parametrize("pipeline, sections, combination, refused", [
@@ -156,24 +188,35 @@ def test_extra_args_providers_return_the_parser():
     assert not megatron_lm.uses_stag_model(argparse.Namespace(stag_num_sections=1))
 
 
-# ------------------------------------------------------------------ with a Megatron-LM checkout
+# ------------------------------------------------------------------ with megatron.training
 
 
 @pytest.fixture(scope="module")
-def checkout():
-    if not CHECKOUT:
-        pytest.skip(NEEDS_CHECKOUT)
-    path = str(Path(CHECKOUT).resolve())
-    if not (Path(path) / "megatron" / "training").is_dir():
-        pytest.fail(f"MEGATRON_LM_PATH={CHECKOUT} is not a Megatron-LM checkout "
-                    "(no megatron/training). " + NEEDS_CHECKOUT)
-    sys.path.insert(0, path)
-    yield Path(path)
-    sys.path.remove(path)
+def megatron_training():
+    """Megatron-LM's megatron.training: the checkout's, else the installed one, else skip."""
+    import importlib.util
+
+    import megatron.core
+
+    if CHECKOUT:
+        path = Path(CHECKOUT).resolve()
+        text = (path / "megatron" / "core" / "package_info.py").read_text()
+        if f"MINOR = {megatron.core.__version__.split('.')[1]}\n" not in text:
+            pytest.skip(f"MEGATRON_LM_PATH={CHECKOUT} is another release line than "
+                        f"megatron-core {megatron.core.__version__}")
+        sys.path.insert(0, str(path))
+        yield path
+        sys.path.remove(str(path))
+        return
+    if importlib.util.find_spec("megatron.training") is None:
+        pytest.skip("megatron.training is not importable: set MEGATRON_LM_PATH to a Megatron-LM "
+                    "checkout of the installed megatron-core's release (megatron-core 0.19 "
+                    "installs it)")
+    yield None
 
 
 @pytest.fixture(scope="module")
-def megatron_args(checkout):
+def megatron_args(megatron_training):
     """A real Megatron-LM command line, parsed and validated, set as Megatron-LM's global args."""
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_global_variables, unset_global_variables
@@ -240,15 +283,12 @@ def _equivalent_config() -> StagFormerConfig:
     )
 
 
-def test_model_provider_matches_a_directly_built_model(megatron_args):
+def _assert_same_model(built: StagGPTModel, vocab: int) -> None:
+    """`built` (seeded 7) equals a StagGPTModel built directly from _equivalent_config()."""
     torch.manual_seed(7)
-    via_megatron_lm = megatron_lm.model_provider(pre_process=True, post_process=True,
-                                                 config=None, pg_collection=None).eval()
-    torch.manual_seed(7)
-    direct = StagGPTModel(_equivalent_config(), vocab_size=megatron_args.padded_vocab_size,
-                          max_sequence_length=32).eval()
-    assert isinstance(via_megatron_lm, StagGPTModel)
-    ours, theirs = via_megatron_lm.state_dict(), direct.state_dict()
+    direct = StagGPTModel(_equivalent_config(), vocab_size=vocab, max_sequence_length=32).eval()
+    assert isinstance(built, StagGPTModel)
+    ours, theirs = built.eval().state_dict(), direct.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:
         if isinstance(ours[key], torch.Tensor):
@@ -256,96 +296,59 @@ def test_model_provider_matches_a_directly_built_model(megatron_args):
     tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(3))
     positions = torch.arange(32).expand(2, 32)
     with torch.no_grad():
-        logits = via_megatron_lm(tokens, positions)
+        logits = built(tokens, positions)
         torch.testing.assert_close(logits, direct(tokens, positions), rtol=0, atol=1e-6)
-    assert logits.shape == (2, 32, megatron_args.padded_vocab_size)
+    assert logits.shape == (2, 32, vocab)
 
 
-def _checkout_version(checkout: Path) -> str:
-    info = {}
-    exec((checkout / "megatron" / "core" / "package_info.py").read_text(), info)
-    return info["__version__"]
+def test_model_provider_matches_a_directly_built_model(megatron_args):
+    torch.manual_seed(7)
+    built = megatron_lm.model_provider(pre_process=True, post_process=True, config=None,
+                                       pg_collection=None)
+    _assert_same_model(built, megatron_args.padded_vocab_size)
 
 
-@pytest.fixture(scope="module")
-def patched_script(checkout, tmp_path_factory):
-    """The checkout's pretrain_gpt.py with patches/pretrain_gpt.patch applied (a copy)."""
-    version = _checkout_version(checkout)
-    if not version.startswith("0.16."):
-        pytest.skip(f"patches/pretrain_gpt.patch targets core_v0.16.x; checkout is {version}")
-    folder = tmp_path_factory.mktemp("patched")
-    (folder / "pretrain_gpt.py").write_bytes((checkout / "pretrain_gpt.py").read_bytes())
-    check = subprocess.run(["git", "apply", "--check", "-v", str(PATCH)], cwd=folder,
-                           capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    subprocess.run(["git", "apply", str(PATCH)], cwd=folder, check=True)
-    return folder / "pretrain_gpt.py"
-
-
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _mock_batches(datasets_provider, args):
-    with contextlib.redirect_stdout(io.StringIO()):
-        train, _, _ = datasets_provider([8, 4, 4])
-    return iter(torch.utils.data.DataLoader(train, batch_size=args.micro_batch_size))
-
-
-def _check_one_step(forward_step, batches, model):
-    output, loss_func = forward_step(batches, model)
-    assert output.shape == (2, 32)  # per-token losses [b, s]
-    loss, num_tokens, report = loss_func(output)
-    assert torch.isfinite(loss) and int(num_tokens) > 0 and "lm loss" in report
-
-
-def test_patched_pretrain_gpt_trains_a_stagformer(patched_script, megatron_args, monkeypatch):
-    """The patch applies; its model provider builds a StagGPTModel for --stag-num-sections 2
-    (and Megatron's GPT for 1), and its datasets, batch and loss run one micro-batch."""
-    script = _import(patched_script, "pretrain_gpt_patched")
-
-    def whole_batch_on_cpu(data_iterator, mtp_on_this_rank=False):
-        """Megatron-LM's get_batch_on_this_tp_rank (which moves the batch to CUDA), on CPU."""
-        assert mtp_on_this_rank, "the patched get_batch must ask for the whole batch"
-        data = next(data_iterator)
-        return {key: data.get(key) for key in megatron_lm.BATCH_KEYS}  # Megatron-LM's order
-
-    monkeypatch.setattr(script, "get_batch_on_this_tp_rank", whole_batch_on_cpu)
-    gpt_provider = partial(script.model_provider, script.gpt_builder)
-    provider = megatron_lm.model_provider_or(gpt_provider)
-    torch.manual_seed(0)
-    model = provider(pre_process=True, post_process=True, config=None, pg_collection=None)
-    assert isinstance(model, StagGPTModel)
-    megatron_args.stag_num_sections = 1
-    try:
-        assert megatron_lm.model_provider_or(lambda **kw: "gpt")(pre_process=True) == "gpt"
-    finally:
-        megatron_args.stag_num_sections = 2
-    _check_one_step(script.forward_step,
-                    _mock_batches(script.train_valid_test_datasets_provider, megatron_args), model)
-
-
-@pytest.fixture(scope="module")
-def entry(checkout):
-    return _import(ENTRY, "pretrain_stag")
-
-
-def test_entry_script_imports_and_picks_the_checkouts_api(entry, checkout):
+def test_model_builder_matches_a_directly_built_model(megatron_args):
+    """Megatron-LM 0.19's path: the args -> StagGPTModelConfig (through Megatron-LM's own
+    gpt_config_from_args) -> its builder class, as pretrain() resolves and calls it."""
     from megatron.training import pretrain
 
-    expected = "config" if "cfg_container" in inspect.signature(pretrain).parameters \
-        else "positional"
+    if megatron_lm_pretrain_api(pretrain) != "model_config":
+        pytest.skip("Megatron-LM < 0.19 has no model-config path")
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    container = pretrain_cfg_container_from_args(megatron_args,
+                                                 megatron_lm.stag_model_config(megatron_args))
+    cfg = container.model
+    assert isinstance(cfg, megatron_lm.StagGPTModelConfig)
+    assert isinstance(cfg.transformer, StagFormerConfig)
+    assert cfg.transformer.cross_attention_window == 8
+    builder_cls = cfg.get_builder_cls()  # how pretrain() finds the builder
+    assert builder_cls is megatron_lm.StagGPTModelBuilder
+    torch.manual_seed(7)  # the conftest's parallel state: TP = PP = 1
+    built = builder_cls(cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
+    _assert_same_model(built, megatron_args.padded_vocab_size)
+
+
+def test_model_config_refuses_a_plain_transformer_config(megatron_args):
+    from megatron.training import pretrain
+
+    if megatron_lm_pretrain_api(pretrain) != "model_config":
+        pytest.skip("Megatron-LM < 0.19 has no model-config path")
+    from megatron.core.transformer import TransformerConfig
+
+    cfg = megatron_lm.stag_model_config(megatron_args)
+    cfg.transformer = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    with pytest.raises(Exception, match="not a StagFormerConfig"):
+        cfg.finalize()
+
+
+def test_entry_picks_the_installed_api(megatron_training):
+    """The calling convention run_pretrain will use with this megatron.training."""
+    from megatron.training import pretrain
+
+    params = inspect.signature(pretrain).parameters
+    expected = ("positional" if "cfg_container" not in params else
+                "model_config" if params["model_provider"].default is None else "config")
     assert megatron_lm_pretrain_api(pretrain) == expected
-    if _checkout_version(checkout).startswith(("0.16.", "0.17.")):
-        assert expected == "positional"
-    assert callable(entry.main) and entry.train_valid_test_datasets_provider.is_distributed
-
-
-def test_entry_forward_step_on_mock_data(entry, megatron_args):
-    """The entry's datasets, batch and loss on one micro-batch of Megatron's mock data."""
-    batches = _mock_batches(entry.train_valid_test_datasets_provider, megatron_args)
-    torch.manual_seed(0)
-    _check_one_step(entry.forward_step, batches, megatron_lm.model_provider())

@@ -1,11 +1,11 @@
 """Pretrain a StagFormer with Megatron-LM's training loop (`megatron.training.pretrain`).
 
-Megatron-LM's pretrain_gpt.py with three things swapped: the model (StagGPTModel, from
-stag_plugin.integrations.megatron_lm.model_provider), the batch (every pipeline stage gets the whole
-micro-batch, since every stage that starts a section re-embeds the token ids), and the stages
-that build datasets (tensor-parallel rank 0 of every stage). Dataset configuration and the loss
-come from Megatron-LM's own pretrain_gpt.py. Works with Megatron-LM core_v0.16.1 - 0.17
-(positional pretrain API) and 0.18 - 0.19 (config-container API).
+Megatron-LM's pretrain_gpt.py with three things swapped: the model (StagGPTModel: built by
+StagGPTModelBuilder from a StagGPTModelConfig on Megatron-LM 0.19, by a model provider on 0.16 -
+0.18), the batch (every pipeline stage gets the whole micro-batch, since every stage that starts
+a section re-embeds the token ids), and the stages that build datasets (tensor-parallel rank 0
+of every stage). Dataset configuration and the loss come from Megatron-LM's own pretrain_gpt.py;
+in-process restart and the embedding ranks are handled as pretrain_gpt.py handles them.
 
     PYTHONPATH=/path/to/Megatron-LM:/path/to/stag_plugin_repo \\
         torchrun --nproc-per-node 2 examples/megatron_lm/pretrain_stag.py <Megatron-LM flags> \\
@@ -28,8 +28,7 @@ from stag_plugin.integrations import megatron_lm
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
     """pretrain_gpt's datasets, built on tensor-parallel rank 0 of every pipeline stage."""
     args = get_args()
-    if args.sft:
-        raise NotImplementedError("--sft (packed sequences) is not supported by StagGPTModel")
+    megatron_lm.check_megatron_lm_args(args)  # e.g. --sft (packed sequences) is refused
     config = pretrain_gpt.core_gpt_dataset_config_from_args(args)
     dataset_type = (MockGPTDataset if args.mock_data
                     else GPTFIMDataset if args.fim_data else GPTDataset)
@@ -57,7 +56,6 @@ def forward_step(data_iterator, model):
 def main():
     megatron_lm.run_pretrain(
         train_valid_test_datasets_provider,
-        megatron_lm.model_provider,
         forward_step,
         extra_args_provider=megatron_lm.add_stag_args,
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},

@@ -13,6 +13,8 @@ Contents:
     name_kwargs            the `name=` keyword Megatron (0.19+) gives modules built from specs
     read_common_state      a checkpoint's common (non-tensor) state, as bytes, in either layout
     install_saver_queue    Megatron's checkpoint-saver queue, in a process that dies with ours
+    null_tokenizer, detokenize_text, HF_TOKENIZER_KWARGS
+                           megatron-core's text tokenizers with the same ids in every release
     model_parallel_rng     the model-parallel RNG fork on CUDA, a no-op on CPU
     initialize_single_process   a world of one process (gloo) for notebooks, probes and tests
     megatron_lm_pretrain_api    which calling convention Megatron-LM's `pretrain()` has
@@ -255,28 +257,73 @@ def install_saver_queue() -> None:
         filesystem_async._results_queue = saver_results_queue()
 
 
+# ---------------------------------------------------------------------------- tokenizers
+
+# megatron-core's text tokenizers (`megatron.core.tokenizers`) differ between releases in three
+# places the plugin meets:
+# - NullTokenizer: 0.16 names its library "null" and reads `vocab_size` as the ids before the
+#   end-of-document id (vocab_size + 1 ids, eod = vocab_size, no pad); 0.19 names it
+#   "null-text" and reads it as Megatron-LM's --vocab-size (eod = vocab_size - 1, pad -1).
+# - HuggingFace library defaults: 0.16 `use_fast=False, include_special_tokens=False`, 0.19
+#   both True (Megatron-LM's defaults, --tokenizer-hf-no-use-fast / -no-include-special-tokens
+#   turn them off). The plugin passes Megatron-LM's values explicitly, so ids do not depend on
+#   the release.
+# - `detokenize`: 0.19 takes `skip_special_tokens` (its HuggingFace library keeps special tokens
+#   by default when it includes them in `tokenize`); 0.16 takes ids only and drops them.
+HF_TOKENIZER_KWARGS = {"use_fast": True, "include_special_tokens": True}
+
+
+def null_tokenizer(vocab_size: int):
+    """megatron-core's NullTokenizer with Megatron-LM's ids in every release: `vocab_size` ids,
+    the last one (vocab_size - 1) the end of document."""
+    from megatron.core.tokenizers import MegatronTokenizer
+    from megatron.core.tokenizers.text.text_tokenizer import TOKENIZER_MAPPING_LIBRARIES
+
+    library = "null-text" if "null-text" in TOKENIZER_MAPPING_LIBRARIES else "null"
+    tokenizer = MegatronTokenizer.from_pretrained(metadata_path={"library": library},
+                                                  vocab_size=vocab_size)
+    if tokenizer.vocab_size == vocab_size + 1:  # 0.16: the argument excludes the eod id
+        tokenizer = MegatronTokenizer.from_pretrained(metadata_path={"library": library},
+                                                      vocab_size=vocab_size - 1)
+    return tokenizer
+
+
+def detokenize_text(tokenizer, ids: list) -> str:
+    """Text of `ids` from a megatron-core text tokenizer, special tokens left out in every
+    release."""
+    if "skip_special_tokens" in inspect.signature(tokenizer.detokenize).parameters:
+        return tokenizer.detokenize(ids, skip_special_tokens=True)
+    return tokenizer.detokenize(ids)
+
+
 # ---------------------------------------------------------------------------- Megatron-LM
 
-PRETRAIN_APIS = ("positional", "config")
+PRETRAIN_APIS = ("positional", "config", "model_config")
 
 
 def megatron_lm_pretrain_api(pretrain) -> str:
     """Which calling convention Megatron-LM's `megatron.training.pretrain` has.
 
-    "positional" (Megatron-LM <= 0.17): `pretrain(train_valid_test_dataset_provider,
+    "positional" (Megatron-LM 0.16 - 0.17): `pretrain(train_valid_test_dataset_provider,
         model_provider, model_type, forward_step_func, ..., extra_args_provider, args_defaults)`;
         pretrain parses the command line itself.
-    "config" (Megatron-LM >= 0.18): `pretrain(cfg_container, train_valid_test_dataset_provider,
-        ...)`; the caller parses the command line (`parse_and_validate_args`) and builds the
-        container (`pretrain_cfg_container_from_args`). From 0.19 `model_provider` follows
-        `forward_step_func` and is optional, so callers pass every provider by keyword.
+    "config" (0.18): `pretrain(cfg_container, train_valid_test_dataset_provider,
+        model_provider, model_type, forward_step_func, ...)`; the caller parses the command
+        line (`parse_and_validate_args`) and builds the container
+        (`pretrain_cfg_container_from_args`).
+    "model_config" (0.19): `pretrain(cfg_container, train_valid_test_dataset_provider,
+        model_type, forward_step_func, model_provider=None, ...)`; the model comes from the
+        container's model config (a `ModelConfig` and the builder it names) and
+        `model_provider` is deprecated.
 
     Told from the signature, not a version number: a Megatron-LM checkout on PYTHONPATH need
     not match the installed megatron-core's version.
     """
     params = inspect.signature(pretrain).parameters
     if "cfg_container" in params:
-        return "config"
+        provider = params.get("model_provider")
+        optional = provider is not None and provider.default is None
+        return "model_config" if optional else "config"
     if "extra_args_provider" in params and "train_valid_test_dataset_provider" in params:
         return "positional"
     raise TypeError(

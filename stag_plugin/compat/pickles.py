@@ -75,12 +75,16 @@ def checkpoint_reads(trusted: bool = False) -> Iterator[None]:
         filesystem.pickle, default_planner.DefaultLoadPlanner.load_bytes = saved
 
 
-def refusal(err: BaseException, where: str) -> Optional[UntrustedCheckpoint]:
-    """The refused type behind `err`, however torch or Megatron wrapped it (a distributed load
-    reports each rank's failure inside a CheckpointException), or None."""
+def refusal(err: BaseException, where: str) -> Optional[StagError]:
+    """The refused type behind `err`, or the newer Megatron type it needs, however torch or
+    Megatron wrapped it (a distributed load reports each rank's failure inside a
+    CheckpointException), or None."""
     for cause in causes(err):
-        if isinstance(cause, UntrustedCheckpoint):
+        if isinstance(cause, (UntrustedCheckpoint, NewerMegatron)):
             return cause
+        missing = missing_megatron_global(cause)
+        if missing is not None:
+            return NewerMegatron(where, missing)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(cause))
         if isinstance(cause, pickle.UnpicklingError) and found:
             return UntrustedCheckpoint(where, found.group(1))
@@ -103,6 +107,44 @@ def safe_globals() -> list:
             Fp4Recipe, *SAFE_GLOBALS]
 
 
+class NewerMegatron(StagError):
+    """A checkpoint refers to a Megatron type the installed megatron-core does not have: it
+    was written by a newer release."""
+
+    def __init__(self, where: str, name: str):
+        from megatron.core import __version__
+
+        super().__init__(
+            f"{where} was written by a newer Megatron than the megatron-core {__version__} "
+            f"installed here: it refers to {name}, which this release does not have",
+            "read it with the megatron-core release that wrote it or a later one (a checkpoint "
+            "without common.pt comes from megatron-core 0.19 or later: `pip install "
+            "megatron-core>=0.19`, or this repository's .venv-mcore)")
+
+
+def missing_megatron_global(err: BaseException) -> Optional[str]:
+    """The `megatron.*` class an unpickling failure could not find in the installed Megatron
+    (e.g. an enum added in a later release), or None when `err` is about something else."""
+    text = str(err)
+    found = (re.search(r"Unsupported global: GLOBAL (megatron\.\S+)", text)
+             or re.search(r"Can't get attribute '(\w+)' on <module '(megatron[\w.]*)'", text)
+             or re.search(r"No module named '(megatron[\w.]*)'", text))
+    if found is None:
+        return None
+    name = found.group(1) if found.lastindex == 1 else f"{found.group(2)}.{found.group(1)}"
+    return None if _resolves(name) else name
+
+
+def _resolves(name: str) -> bool:
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), attr)
+    except ImportError:
+        return False
+
+
 def load_payload(data: bytes, where: str):
     """A torch.save payload, unpickled by the weights-only loader with `safe_globals()`."""
     try:
@@ -112,6 +154,9 @@ def load_payload(data: bytes, where: str):
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found is None:
             raise
+        missing = missing_megatron_global(err)
+        if missing is not None:
+            raise NewerMegatron(where, missing) from err
         raise UntrustedCheckpoint(where, found.group(1)) from err
 
 

@@ -2,33 +2,40 @@
 
     stag convert from-gpt --load runs/gpt --out runs/stag-dup --recipe duplicate \
         --stag-num-sections 2
-    stag convert from-gpt --load megatron/gpt --tokenizer-model spm.model --out runs/stag-split \
+    stag convert from-gpt --load megatron/gpt --tokenizer-type GPT2BPETokenizer \
+        --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt --out runs/stag-split \
         --recipe split --stag-num-sections 2 --stag-weight-sharing separate
 
-Sources: a `stag train --stag-num-sections 1` checkpoint, or a Megatron-LM GPTModel checkpoint
-(any TP / PP layout; see stag_plugin.convert.gpt_source). Recipes (stag_plugin.convert.recipes):
-`duplicate` gives every section a full copy of the GPT's layers with zeroed cross-attention
-outputs, so the StagFormer starts with exactly the GPT's logits; `split` cuts the GPT's layers
-into p consecutive blocks (not function-preserving).
+Sources: a `stag train --stag-num-sections 1` checkpoint (its own tokenizer), or a Megatron-LM
+GPTModel checkpoint (any TP / PP layout; see stag_plugin.convert.gpt_source) with Megatron-LM's
+tokenizer flags (--tokenizer-type and --tokenizer-model / --vocab-file / --merge-file /
+--vocab-size; absent ones are read from the checkpoint's args when the files they name exist).
+Recipes (stag_plugin.convert.recipes): `duplicate` gives every section a full copy of the
+GPT's layers with zeroed cross-attention outputs, so the StagFormer starts with exactly the
+GPT's logits; `split` cuts the GPT's layers into p consecutive blocks (not function-preserving).
 
 Output (written in one process, TP 1 x PP 1, with the trainer's own save path, atomically): a
-trainer checkpoint at iteration 0 (Megatron layout, stag_run.json, tokenizer.model) plus
+trainer checkpoint at iteration 0 (Megatron layout, stag_run.json, tokenizer/) plus
 `architecture.yaml`, a preset of the new model's flags, so fine-tuning is
 
     stag train --config OUT/architecture.yaml --load OUT --finetune --save FT ...
 
-and `stag eval --load OUT` / `stag generate --load OUT` read it as they read any run.
+(with the GPT's tokenizer flags, pointing at the files in OUT/iter_0000000/tokenizer/: the
+fine-tuning data must be tokenized by the same tokenizer), and `stag eval --load OUT` /
+`stag generate --load OUT` read it as they read any run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 from pathlib import Path
 
 from stag_plugin.compat.pickles import checkpoint_reads
 from stag_plugin.convert import gpt_source, recipes, source
 from stag_plugin.convert.common import ConvertError, check_out, say, staged_output
+from stag_plugin.training.data import tokenizers
 
 PRESET_FILE = "architecture.yaml"
 PRESET_EXTRA_FLAGS = ("seq_length", "vocab_size", "make_vocab_size_divisible_by", "bf16")
@@ -42,8 +49,11 @@ def build_parser(prog: str = "stag convert from-gpt") -> argparse.ArgumentParser
                         help="GPT checkpoint: run folder or iter_XXXXXXX folder")
     parser.add_argument("--out", type=Path, required=True, help="run folder to write")
     parser.add_argument("--recipe", choices=recipes.RECIPES, required=True)
-    parser.add_argument("--tokenizer-model", type=Path, default=None,
-                        help="SentencePiece model (Megatron-LM sources only)")
+    group = parser.add_argument_group("tokenizer (Megatron-LM sources only; default: the "
+                                      "checkpoint's Megatron-LM args)")
+    tokenizers.add_tokenizer_args(group)
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="NullTokenizer: its number of ids")
     arguments.add_trust_arg(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true")
@@ -64,14 +74,16 @@ def run(options: argparse.Namespace) -> Path:
         raise ConvertError("--stag-num-sections is required", "pass the number of sections p")
     ckpt = source.locate(options.load)
     check_out(options.out, options.overwrite, ckpt.sources())
-    gpt = gpt_source.read_gpt(ckpt, options.tokenizer_model, progress=not options.no_progress,
-                              trust_code=options.trust_checkpoint_code)
-    layers = recipes.check_recipe(options.recipe, gpt.num_layers, options.stag_num_sections,
-                                  options.stag_weight_sharing)
-    args = target_args(gpt, options, layers)
-    check_vocabulary(gpt, args)
-    with staged_output(options.out) as partial:
-        write_checkpoint(partial, gpt, args, options)
+    flags = {name: getattr(options, name) for name in gpt_source.TOKENIZER_ARGS}
+    with tempfile.TemporaryDirectory(prefix="stag-from-gpt-") as scratch:
+        gpt = gpt_source.read_gpt(ckpt, flags, Path(scratch), not options.no_progress,
+                                  trust_code=options.trust_checkpoint_code)
+        layers = recipes.check_recipe(options.recipe, gpt.num_layers, options.stag_num_sections,
+                                      options.stag_weight_sharing)
+        args = target_args(gpt, options, layers)
+        check_vocabulary(gpt, args)
+        with staged_output(options.out) as partial:
+            write_checkpoint(partial, gpt, args, options)
     say(f"wrote {options.out}: {options.recipe} of the {gpt.num_layers}-layer GPT into "
         f"{options.stag_num_sections} x {layers} layers ({options.stag_weight_sharing}); "
         f"fine-tune with: stag train --config {options.out / PRESET_FILE} --load {options.out} "
@@ -103,9 +115,9 @@ def check_vocabulary(gpt, args) -> None:
     """The trainer must pad the tokenizer's vocabulary to the GPT's embedding rows."""
     from stag_plugin.training import arguments
 
-    padded = arguments.padded_vocab_size(gpt.tokenizer["vocab_size"], args)
+    padded = arguments.padded_vocab_size(gpt.tokenizer.vocab_size, args)
     if padded != gpt.reference_cfg.vocab_size:
-        raise ConvertError(f"the tokenizer's {gpt.tokenizer['vocab_size']} ids pad to {padded} "
+        raise ConvertError(f"the tokenizer's {gpt.tokenizer.vocab_size} ids pad to {padded} "
                            f"rows, but the GPT's embedding has {gpt.reference_cfg.vocab_size}",
                            "pass the tokenizer the GPT was trained with")
 
@@ -122,9 +134,9 @@ def write_checkpoint(folder: Path, gpt, args, options: argparse.Namespace) -> No
     weights, owners = upcycled_weights(inner, gpt, args, options.recipe)
     inner.load_state_dict(weights)
     optimizer, scheduler = runtime.build_optimizer(args, model)  # fp32 copies: the new weights
+    record = runtime.run_record(args, 0, vocab, tokenizers.spec_of(gpt.tokenizer).to_json())
     checkpointing.save_checkpoint(folder, 0, runtime.checkpoint_state(model, optimizer, scheduler),
-                                  runtime.run_record(args, 0, vocab, gpt.tokenizer),
-                                  tokenizer_model=gpt.tokenizer_model)
+                                  record, tokenizer=gpt.tokenizer)
     source.verify_tensors(checkpointing.iteration_dir(folder, 0), owners)
     write_preset(folder / PRESET_FILE, args)
 

@@ -2,8 +2,9 @@
 
 Two kinds of source, told apart by the run record:
 
-    stag train --stag-num-sections 1     stag_run.json + tokenizer.model; keys as StagGPTModel's
-    Megatron-LM GPTModel                 no stag_run.json; args in the common state; GPTModel keys
+    stag train --stag-num-sections 1     stag_run.json + its tokenizer; keys as StagGPTModel's
+    Megatron-LM GPTModel                 no stag_run.json; args in the common state; GPTModel keys;
+                                         the tokenizer from --tokenizer-* or those args
 
 Megatron-LM's GPTModel keys map onto the p = 1 StagGPTModel keys by the tables below.
 Megatron's TransformerBlock saves its (homogeneous) layers STACKED: one key
@@ -21,13 +22,14 @@ import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
-from stag_plugin.convert import source
+from stag_plugin.convert import megatron_lm_args, source
 from stag_plugin.convert.common import ConvertError
 from stag_plugin.training import checkpointing, runtime
+from stag_plugin.training.data import tokenizers
 
 GPT_KEYS = {  # Megatron-LM GPTModel -> StagGPTModel with one section
     "embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
@@ -45,32 +47,6 @@ TE_FUSED_NORMS = {  # Transformer Engine layer spec -> local spec, within a laye
 }
 _PER_LAYER_RE = re.compile(r"^(\d+)\.(.+)$")
 
-# Megatron-LM args -> stag train flags. Same name and meaning unless derived below.
-MEGATRON_LM_ARGS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-    "group_query_attention", "num_query_groups", "kv_channels", "seq_length",
-    "max_position_embeddings", "position_embedding_type", "rotary_base", "rotary_percent",
-    "normalization", "norm_epsilon", "swiglu", "qk_layernorm",
-    "untie_embeddings_and_output_weights", "init_method_std", "hidden_dropout",
-    "attention_dropout", "bf16",
-)
-MEGATRON_LM_REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
-DERIVED_ARGS = {
-    "disable_bias_linear": lambda margs: not getattr(margs, "add_bias_linear", True),
-    # Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by x its TP
-    # size; the trainer pads by its own TP size (1 here), so the multiple is carried over.
-    "make_vocab_size_divisible_by": lambda margs: getattr(
-        margs, "make_vocab_size_divisible_by", 128) * getattr(
-        margs, "tensor_model_parallel_size", 1),
-}
-UNSUPPORTED_ARGS = {  # Megatron-LM arg -> the only value the plugin's model implements
-    "add_qkv_bias": False, "apply_layernorm_1p": False, "rotary_interleaved": False,
-    "num_experts": None, "multi_latent_attention": False, "fp16": False,
-    "apply_residual_connection_post_layernorm": False, "squared_relu": False,
-    "openai_gelu": False, "onnx_safe": None, "use_rope_scaling": False,
-}
-
-
 @dataclass
 class GPTSource:
     """A plain GPT as the p = 1 StagGPTModel it is equivalent to."""
@@ -80,23 +56,26 @@ class GPTSource:
     args: argparse.Namespace  # stag train flags describing it (p = 1)
     reference_cfg: object  # its ReferenceConfig (p = 1)
     state: Dict[str, torch.Tensor]  # StagGPTModel owner keys, whole tensors
-    tokenizer_model: Path
-    tokenizer: dict  # {"vocab_size": ..., "eod": ...}
+    tokenizer: object  # the tokenizer its ids refer to (data.tokenizers; saved with the output)
 
     @property
     def num_layers(self) -> int:
         return self.args.num_layers
 
 
-def read_gpt(ckpt: source.Checkpoint, tokenizer_model: Optional[Path],
+def read_gpt(ckpt: source.Checkpoint, tokenizer_flags: dict, scratch: Path,
              progress: bool = True, trust_code: bool = False) -> GPTSource:
-    """The GPT in `ckpt`, of either kind, checked (keys, shapes, dtypes) and read whole."""
+    """The GPT in `ckpt`, of either kind, checked (keys, shapes, dtypes) and read whole.
+    `tokenizer_flags`: the --tokenizer-type / --tokenizer-model / --vocab-file / --merge-file /
+    --vocab-size values (None when absent; Megatron-LM sources only); a Megatron-LM source's
+    tokenizer is written to `scratch`, which must outlive the returned GPTSource."""
     if (ckpt.folder / checkpointing.RUN_FILE).is_file():
-        if tokenizer_model is not None:
-            raise ConvertError(f"--tokenizer-model is for Megatron-LM sources; {ckpt.folder} "
-                               "carries its own tokenizer.model", "drop --tokenizer-model")
+        given = [f"--{k.replace('_', '-')}" for k, v in tokenizer_flags.items() if v is not None]
+        if given:
+            raise ConvertError(f"{', '.join(given)} are for Megatron-LM sources; "
+                               f"{ckpt.folder} carries its own tokenizer", f"drop {given[0]}")
         return read_stag_gpt(ckpt, progress)
-    return read_megatron_lm_gpt(ckpt, tokenizer_model, progress, trust_code)
+    return read_megatron_lm_gpt(ckpt, tokenizer_flags, scratch, progress, trust_code)
 
 
 # ---------------------------------------------------------------------------- stag train p = 1
@@ -115,28 +94,27 @@ def read_stag_gpt(ckpt: source.Checkpoint, progress: bool) -> GPTSource:
                            "Megatron-LM GPT checkpoint")
     cfg = to_inference.reference_config(args, record)
     state = to_inference.read_model(ckpt, cfg, source.params_dtype(args), progress)
-    if ckpt.tokenizer_model is None:
-        raise ConvertError(f"{ckpt.folder} has no tokenizer.model",
+    if tokenizers.saved_spec(ckpt.folder) is None:
+        raise ConvertError(f"{ckpt.folder} has no tokenizer ({tokenizers.CHECKPOINT_DIR}/ or "
+                           f"{checkpointing.TOKENIZER_FILE})",
                            "upcycle a checkpoint saved by stag train (it stores its tokenizer)")
-    return GPTSource("stag", ckpt, args, cfg, state, ckpt.tokenizer_model, record["tokenizer"])
+    return GPTSource("stag", ckpt, args, cfg, state, tokenizers.load_saved(ckpt.folder))
 
 
 # ---------------------------------------------------------------------------- Megatron-LM GPT
 
 
-def read_megatron_lm_gpt(ckpt: source.Checkpoint, tokenizer_model: Optional[Path],
+def read_megatron_lm_gpt(ckpt: source.Checkpoint, tokenizer_flags: dict, scratch: Path,
                          progress: bool, trust_code: bool = False) -> GPTSource:
     from stag_plugin.convert import to_inference
     from stag_plugin.reference import name_map
 
-    margs = source.read_common(ckpt.folder, trusted=trust_code).get("args")
-    if margs is None:
-        raise ConvertError(f"{ckpt.folder} has neither a stag_run.json nor Megatron-LM's args "
-                           "(the common state's 'args'), so the model's configuration is unknown",
-                           "pass a checkpoint written by stag train or by Megatron-LM")
-    tokenizer, tokenizer_info = _tokenizer(tokenizer_model, ckpt)
-    args = args_from_megatron_lm(margs, tokenizer_info["vocab_size"])
-    record = {"architecture": {"padded_vocab_size": margs.padded_vocab_size}}
+    args, record, tokenizer = read_megatron_lm_run(ckpt, tokenizer_flags, scratch, trust_code)
+    if args.stag_num_sections != 1:
+        raise ConvertError(f"{ckpt.folder} is a StagFormer with {args.stag_num_sections} "
+                           "sections trained through Megatron-LM, not a plain GPT",
+                           "convert it for inference with `stag convert to-inference`, or "
+                           "upcycle a GPT checkpoint")
     cfg = to_inference.reference_config(args, record)
     index = source.model_tensors(source.tensor_index(ckpt.folder))
     entries = stag_entries(index, args.num_layers, ckpt.folder)
@@ -148,7 +126,25 @@ def read_megatron_lm_gpt(ckpt: source.Checkpoint, tokenizer_model: Optional[Path
                                 progress)
     state = {key: whole[gpt_key] if layer is None else whole[gpt_key][layer].clone()
              for key, (gpt_key, layer, _, _) in entries.items()}  # [L, ...] -> layer's [...]
-    return GPTSource("megatron-lm", ckpt, args, cfg, state, tokenizer, tokenizer_info)
+    return GPTSource("megatron-lm", ckpt, args, cfg, state, tokenizer)
+
+
+def read_megatron_lm_run(ckpt: source.Checkpoint, tokenizer_flags: dict, scratch: Path,
+                         trust_code: bool = False) -> Tuple[argparse.Namespace, dict, object]:
+    """A checkpoint written by Megatron-LM (a GPTModel, or a StagGPTModel trained through
+    stag_plugin.integrations.megatron_lm): (stag train flags describing its model, a run record
+    as stag_run.json holds it, its tokenizer built into `scratch`), all from the args in its
+    common state and the --tokenizer-* values."""
+    margs = source.read_common(ckpt.folder, trusted=trust_code).get("args")
+    if margs is None:
+        raise ConvertError(f"{ckpt.folder} has neither a stag_run.json nor Megatron-LM's args "
+                           "(the common state's 'args'), so the model's configuration is unknown",
+                           "pass a checkpoint written by stag train or by Megatron-LM")
+    tokenizer = _tokenizer(tokenizer_flags, margs, ckpt, scratch)
+    args = args_from_megatron_lm(margs, tokenizer.vocab_size, ckpt.folder)
+    record = runtime.run_record(args, ckpt.iteration, margs.padded_vocab_size,
+                                tokenizers.spec_of(tokenizer).to_json())
+    return args, record, tokenizer
 
 
 def stag_entries(index: source.TensorIndex, num_layers: int, where: Path) -> Dict[str, Tuple]:
@@ -186,36 +182,74 @@ def _layer_entries(key, rest, shape, dtype, num_layers, where) -> Dict[str, Tupl
             for i in range(num_layers)}
 
 
-def args_from_megatron_lm(margs, vocab_size: int) -> argparse.Namespace:
-    """stag train flags describing a Megatron-LM GPT (trainer defaults for the rest)."""
-    from stag_plugin.training import arguments
-
-    missing = [name for name in MEGATRON_LM_REQUIRED if getattr(margs, name, None) is None]
-    if missing:
-        raise ConvertError(f"Megatron-LM's args in the common state lack {missing}",
-                           "pass a checkpoint written by Megatron-LM's training loop")
-    unsupported = [f"{name}={getattr(margs, name)!r}" for name, value in UNSUPPORTED_ARGS.items()
-                   if getattr(margs, name, value) not in (value, None)]
-    if unsupported:
-        raise ConvertError(f"the Megatron-LM model uses {', '.join(unsupported)}, which "
-                           "StagGPTModel does not implement", "upcycle a GPT without them")
-    args = runtime.default_args()
-    for name in MEGATRON_LM_ARGS:
-        if getattr(margs, name, None) is not None:
-            setattr(args, name, getattr(margs, name))
-    for name, derive in DERIVED_ARGS.items():
-        setattr(args, name, derive(margs))
-    args.stag_num_sections, args.vocab_size = 1, vocab_size
-    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
-    return arguments.finalize_args(args)  # derived defaults, as stag train fills them
+def args_from_megatron_lm(margs, vocab_size: int, where=None) -> argparse.Namespace:
+    """stag train flags describing a Megatron-LM GPT (stag_plugin.convert.megatron_lm_args)."""
+    return megatron_lm_args.args_from_megatron_lm(margs, vocab_size, where or "the checkpoint")
 
 
-def _tokenizer(path: Optional[Path], ckpt: source.Checkpoint) -> Tuple[Path, dict]:
+TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
+
+
+def _tokenizer(flags: dict, margs, ckpt: source.Checkpoint, scratch: Path):
+    """The tokenizer whose ids the Megatron-LM GPT was trained on, built into `scratch`: the
+    --tokenizer-* flags, each absent one taken from the checkpoint's Megatron-LM args (the
+    same names) when they name the same type and the file they name exists here. With no type
+    anywhere, --tokenizer-model is a SentencePiece model of this plugin's own layout."""
+    values, from_args = _tokenizer_values(flags, margs, ckpt)
+    where = (f" (--{', --'.join(n.replace('_', '-') for n in from_args)} from the checkpoint's "
+             "Megatron-LM args)") if from_args else ""
+    if values["tokenizer_type"] is None and values["tokenizer_model"] is None:
+        raise ConvertError(f"{ckpt.folder} is a Megatron-LM checkpoint whose args name no "
+                           "tokenizer", "pass --tokenizer-type TYPE and its files "
+                           "(--tokenizer-model PATH, or --vocab-file and --merge-file, or "
+                           "--vocab-size N for NullTokenizer)")
+    if values["tokenizer_type"] is None:
+        return _stag_tokenizer(Path(values["tokenizer_model"]))
+    return tokenizers.materialize(tokenizers.source_from_flags(**values, where=where),
+                                  scratch / tokenizers.CHECKPOINT_DIR)
+
+
+def _tokenizer_values(flags: dict, margs, ckpt: source.Checkpoint) -> Tuple[dict, list]:
+    """(the tokenizer values to use, the names of those taken from the checkpoint's args)."""
+    kind = getattr(margs, "tokenizer_type", None)
+    same_type = flags.get("tokenizer_type") in (None, kind)
+    values, from_args = {}, []
+    for name in TOKENIZER_ARGS:
+        value = flags.get(name)
+        wanted = same_type and (name != "vocab_size" or kind == tokenizers.NULL)
+        stored = getattr(margs, name, None) if wanted else None
+        if value is None and stored is not None:
+            if name in ("tokenizer_model", "vocab_file", "merge_file") and not Path(
+                    stored).exists():
+                flag = f"--{name.replace('_', '-')}"
+                raise ConvertError(f"the args of {ckpt.folder} name {flag} {stored} "
+                                   f"({kind}), which does not exist here",
+                                   f"pass {flag} PATH (a local copy of that file)")
+            value = stored + null_eod_offset(margs) if name == "vocab_size" else stored
+            from_args.append(name)
+        values[name] = value
+    return values, from_args
+
+
+def null_eod_offset(margs) -> int:
+    """Ids a stored NullTokenizer --vocab-size leaves out. Megatron-LM <= 0.17 gives
+    `--vocab-size N` N + 1 ids (its end of document is id N); from 0.18 N ids, the last the
+    end of document (the plugin's meaning). The args of <= 0.17 hold `tokenizer_hf_use_fast`,
+    which 0.18 removed."""
+    return 1 if hasattr(margs, "tokenizer_hf_use_fast") else 0
+
+
+def _stag_tokenizer(path: Path):
+    """--tokenizer-model without a type: the plugin's own SentencePiece layout."""
     from stag_plugin.training.data import StagTokenizer
 
-    if path is None:
-        raise ConvertError(f"{ckpt.folder} is a Megatron-LM checkpoint without a tokenizer of "
-                           "this plugin", "pass --tokenizer-model PATH (the SentencePiece model "
-                           "whose ids the GPT was trained on)")
-    tokenizer = StagTokenizer.load(path)  # DataError (a ValueError) names the fix
-    return Path(path), {"vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
+    if not path.is_file():
+        raise ConvertError(f"--tokenizer-model {path} is not a file",
+                           "pass the SentencePiece model the GPT was trained with")
+    try:
+        return StagTokenizer(path)
+    except ValueError as err:
+        raise ConvertError(f"--tokenizer-model {path} is not this plugin's SentencePiece "
+                           f"layout ({getattr(err, 'problem', err)})",
+                           "add --tokenizer-type GPTSentencePieceTokenizer "
+                           "(any SentencePiece model)") from err

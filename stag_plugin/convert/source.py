@@ -28,7 +28,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from stag_plugin.compat import megatron as compat
-from stag_plugin.compat.pickles import load_payload
+from stag_plugin.compat.pickles import NewerMegatron, load_payload, missing_megatron_global
 from stag_plugin.convert.common import ConvertError, say
 from stag_plugin.errors import StagError
 from stag_plugin.training import checkpointing, integrity
@@ -48,11 +48,6 @@ class Checkpoint:
     folder: Path
     iteration: int
     root: Optional[Path] = None
-
-    @property
-    def tokenizer_model(self) -> Optional[Path]:
-        path = self.folder / checkpointing.TOKENIZER_FILE
-        return path if path.is_file() else None
 
     def sources(self) -> list:
         """Folders an output must stay out of."""
@@ -246,6 +241,9 @@ def read_common(folder: Path, trusted: bool = False) -> dict:
     except StagError:
         raise
     except Exception as err:
+        missing = missing_megatron_global(err)
+        if missing is not None:
+            raise NewerMegatron(stored.where, missing) from err
         raise _corrupted(stored.where, err) from err
     if not isinstance(common, dict):
         raise ConvertError(f"{stored.where} does not hold a dict", "pass a Megatron checkpoint")

@@ -46,7 +46,7 @@ from stag_plugin.core import state_keys
 from stag_plugin.core.attention import cross_attention_mask
 from stag_plugin.core.config import StagFormerConfig
 from stag_plugin.core.specs import StagLayerSpecs, get_stag_layer_spec
-from stag_plugin.errors import StagError
+from stag_plugin.errors import NotSupported, StagError
 from stag_plugin.parallel import pipeline
 from stag_plugin.parallel.layout import Segment, pipeline_stages
 from stag_plugin.reference.sharing import owner_section
@@ -145,11 +145,20 @@ class StagGPTModel(LanguageModule):
         attention_mask: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
+        loss_mask: Optional[Tensor] = None,
+        packed_seq_params=None,
     ) -> Tensor:
         """input_ids, position_ids [b, s]; attention_mask None (causal) or bool [b|1, 1, s, s]
         with True = masked. Returns logits [b, s, vocab/tp], or the per-token loss [b, s]
         when `labels` [b, s] is given; on a stage before the last, the packed boundary tensor
-        for the next stage."""
+        for the next stage.
+
+        `loss_mask` and `packed_seq_params` are GPTModel's, so Megatron-LM's `forward_step`
+        calls this model unchanged: the per-token loss is returned unmasked (Megatron-LM's
+        loss function applies the mask), and packed sequences are refused."""
+        if packed_seq_params is not None:
+            raise NotSupported("StagGPTModel does not take packed sequences (packed_seq_params, "
+                               "e.g. Megatron-LM's --sft)", "train on unpacked sequences")
         carry = (pipeline.unpack(self.input_tensor, self.stage.receives)
                  if self.stage.receives else {})
         embedded = (self.embedding(input_ids=input_ids, position_ids=position_ids)

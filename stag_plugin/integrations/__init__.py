@@ -1,6 +1,6 @@
 """StagFormer inside other frameworks' training loops.
 
-    megatron_lm.py   the --stag-* flags and model provider for Megatron-LM's pretrain()
+    megatron_lm/     Megatron-LM's pretrain() with a StagFormer (flags, model provider and builder)
 
 May import: everything in stag_plugin; nothing in stag_plugin imports it.
 """
