@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from stag_plugin.convert.common import ConvertError
+from stag_plugin.training.arguments import STAG_FLAGS, _dest
 
 STAG_FLAG_OF_STORED = {  # stag train dest: Megatron-LM's stored name
     "num_layers": "num_layers", "hidden_size": "hidden_size",
@@ -30,11 +31,9 @@ STAG_FLAG_OF_STORED = {  # stag train dest: Megatron-LM's stored name
     "untie_embeddings_and_output_weights": "untie_embeddings_and_output_weights",
     "init_method_std": "init_method_std", "hidden_dropout": "hidden_dropout",
     "attention_dropout": "attention_dropout", "bf16": "bf16",
-    # a StagFormer trained through Megatron-LM (stag_plugin.integrations.megatron_lm)
-    "stag_num_sections": "stag_num_sections", "stag_weight_sharing": "stag_weight_sharing",
-    "stag_cross_attention_window": "stag_cross_attention_window",
-    "stag_output_combination": "stag_output_combination",
-    "stag_cross_attention_rope": "stag_cross_attention_rope",
+    # a StagFormer trained through Megatron-LM (stag_plugin.integrations.megatron_lm): the
+    # --stag-* flags, stored under their own dests
+    **{_dest(flag): _dest(flag) for flag, _, _ in STAG_FLAGS},
 }
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
 DERIVED = {
