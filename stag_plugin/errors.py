@@ -37,6 +37,11 @@ class NotSupported(StagError, NotImplementedError):
     """An option or combination stag_plugin does not implement (also a NotImplementedError)."""
 
 
+class MissingDependency(StagError, ImportError):
+    """A feature that needs an optional package which is not installed or does not load (also
+    an ImportError); `fix` says how to install it or what to use instead."""
+
+
 def causes(err: BaseException):
     """`err` and every exception behind it: causes, contexts, and the per-rank failures torch's
     distributed checkpointing collects (CheckpointException.failures: rank -> (exc, trace))."""

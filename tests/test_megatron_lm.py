@@ -147,14 +147,23 @@ def test_unsupported_megatron_lm_options_are_refused(name):
         megatron_lm.check_megatron_lm_args(args)
 
 
-def test_transformer_engine_layers_are_refused_not_replaced():
-    """Megatron-LM's default --transformer-impl transformer_engine is refused by name (the
-    model would otherwise silently be built from local layers)."""
-    args = argparse.Namespace(virtual_pipeline_model_parallel_size=None,
-                              transformer_impl="transformer_engine")
-    with pytest.raises(NotImplementedError, match="--transformer-impl transformer_engine.*"
-                                                  "pass --transformer-impl local"):
-        megatron_lm.check_megatron_lm_args(args)
+def test_transformer_impl_chooses_the_layers():
+    """--transformer-impl transformer_engine (Megatron-LM's default) builds Transformer Engine
+    layers (refused with the install where TE is missing: never local layers instead);
+    inference_optimized is refused by name (tests/test_transformer_engine.py has the rest)."""
+    from stag_plugin.compat.megatron import transformer_engine_available
+    from stag_plugin.errors import MissingDependency
+
+    def args(impl):
+        return argparse.Namespace(virtual_pipeline_model_parallel_size=None,
+                                  transformer_impl=impl)
+
+    if not transformer_engine_available():
+        with pytest.raises(MissingDependency, match="--transformer-impl transformer_engine.*"
+                                                    "needs NVIDIA Transformer Engine"):
+            megatron_lm.check_megatron_lm_args(args("transformer_engine"))
+    with pytest.raises(NotImplementedError, match="--transformer-impl inference_optimized"):
+        megatron_lm.check_megatron_lm_args(args("inference_optimized"))
     megatron_lm.check_megatron_lm_args(argparse.Namespace(transformer_impl="local"))
 
 

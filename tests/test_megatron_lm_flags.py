@@ -232,6 +232,12 @@ def base_flags(tmp_path, *extra) -> list:
             "--log-interval", "1", "--no-progress", *map(str, extra)]
 
 
+def runtime_has_transformer_engine() -> bool:
+    from stag_plugin.compat.megatron import transformer_engine_available
+
+    return transformer_engine_available()
+
+
 def error_of(capsys, argv) -> str:
     """`stag train argv` fails before training with one `stag train: error:` line."""
     assert cli.main(["train", *map(str, argv)]) == 2
@@ -272,13 +278,14 @@ def test_abbreviations_are_not_taken(capsys, tmp_path):
     assert "unrecognized arguments: --train-iter" in capsys.readouterr().err
 
 
-def test_transformer_engine_is_refused_clearly(capsys, tmp_path):
+@pytest.mark.skipif(runtime_has_transformer_engine(), reason="Transformer Engine is installed")
+def test_missing_transformer_engine_is_said_clearly(capsys, tmp_path):
     argv = base_flags(tmp_path, "--train-iters", 2)
     del argv[argv.index("--transformer-impl"):argv.index("--transformer-impl") + 2]
     line = error_of(capsys, argv)  # Megatron-LM's default: transformer_engine
-    assert "--transformer-impl transformer_engine is not implemented yet" in line
-    assert f"pass --transformer-impl local (the Megatron-LM entry, {ENTRY}, also needs " \
-           "--transformer-impl local for now)" in line
+    assert ("--transformer-impl transformer_engine (Megatron-LM's default) needs NVIDIA "
+            "Transformer Engine") in line
+    assert "pip install" in line and "--transformer-impl local" in line
 
 
 def test_flags_megatron_lm_requires_are_required(capsys, tmp_path):

@@ -8,6 +8,11 @@ Megatron release or a CPU-only machine means editing this file only.
 Contents:
     import_megatron_core   import guard with a clear message when Transformer Engine is broken
     require_optional       import guard for transformer_engine / apex / deepspeed features
+    transformer_engine_layers, transformer_engine_available, require_transformer_engine
+                           megatron-core's Transformer Engine layers, and whether usable here
+    cuda_capability        the GPU's compute capability (None without CUDA)
+    fp8_disabled, fp8_region_open
+                           Transformer Engine's FP8 region: turned off inside, and whether open
     RotaryEmbedding        Megatron's RotaryEmbedding that stays on the CPU when there is no GPU
     apply_rope             Megatron's apply_rotary_pos_emb, behind one signature
     name_kwargs            the `name=` keyword Megatron (0.19+) gives modules built from specs
@@ -92,6 +97,59 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import (  # noq
     RotaryEmbedding as _MegatronRotaryEmbedding,
 )
 from megatron.core.transformer.attention import Attention as _Attention  # noqa: E402
+
+# ---------------------------------------------------------------------------- Transformer Engine
+
+# megatron-core imports Transformer Engine when it can (`HAVE_TE`); without it the `TE*` classes
+# of megatron.core.extensions.transformer_engine still exist, as stand-ins whose constructors
+# fail, so specs naming them can be built and inspected on any machine.
+TE_INSTALL = ("pip install --no-build-isolation 'transformer_engine[pytorch]' on a machine "
+              "with CUDA, cuDNN and a CUDA build of torch (NVIDIA's PyTorch containers ship it)")
+
+
+def transformer_engine_layers():
+    """megatron.core.extensions.transformer_engine: Megatron's TE layers (or their stand-ins)."""
+    return importlib.import_module("megatron.core.extensions.transformer_engine")
+
+
+def transformer_engine_available() -> bool:
+    """Whether megatron-core loaded Transformer Engine (its TE layers can be built)."""
+    return bool(transformer_engine_layers().HAVE_TE)
+
+
+def require_transformer_engine(feature: str) -> None:
+    """MissingDependency naming `feature` and the install, unless Transformer Engine loaded."""
+    from stag_plugin.errors import MissingDependency
+
+    if not transformer_engine_available():
+        raise MissingDependency(
+            f"{feature} needs NVIDIA Transformer Engine, which megatron-core could not import "
+            "here", f"{TE_INSTALL}; or use the local layers (transformer_impl='local', "
+            "--transformer-impl local), which run everywhere")
+
+
+def cuda_capability():
+    """(major, minor) compute capability of the current GPU; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())
+
+
+def fp8_disabled():
+    """A region in which Transformer Engine computes in high precision inside an FP8 region
+    (TE 2.x `autocast(enabled=False)`; `fp8_autocast` before it was renamed)."""
+    import transformer_engine.pytorch as te_pytorch
+
+    autocast = getattr(te_pytorch, "autocast", None) or te_pytorch.fp8_autocast
+    return autocast(enabled=False)
+
+
+def fp8_region_open() -> bool:
+    """Whether the caller runs inside an enabled Transformer Engine FP8 region."""
+    if not transformer_engine_available():
+        return False
+    return bool(transformer_engine_layers().FP8GlobalStateManager.is_fp8_enabled())
+
 
 # megatron-core 0.19 gives every module built from a spec its instance name (`name=`, e.g.
 # "decoder.layers.3.cross_attention") and passes it on to the module's own submodules (linear

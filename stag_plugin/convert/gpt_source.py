@@ -28,6 +28,7 @@ import torch
 
 from stag_plugin.convert import megatron_lm_args, source
 from stag_plugin.convert.common import ConvertError
+from stag_plugin.reference.name_map import TE_FUSED_NORMS  # Transformer Engine -> local names
 from stag_plugin.training import checkpointing, runtime
 from stag_plugin.training.data import tokenizers
 
@@ -39,12 +40,6 @@ GPT_KEYS = {  # Megatron-LM GPTModel -> StagGPTModel with one section
     "decoder.final_layernorm.bias": "sections.0.final_layernorm.bias",
 }
 GPT_LAYERS = ("decoder.layers.", "sections.0.layers.{i}.")  # + "<module>.<param>"
-TE_FUSED_NORMS = {  # Transformer Engine layer spec -> local spec, within a layer
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
 _PER_LAYER_RE = re.compile(r"^(\d+)\.(.+)$")
 
 @dataclass

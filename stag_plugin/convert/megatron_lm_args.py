@@ -113,6 +113,7 @@ def args_from_megatron_lm(margs, vocab_size: int, where) -> argparse.Namespace:
                            "convert a model trained without these options")
     args = runtime.default_args()
     args.stag_num_sections = 1
+    args.transformer_impl = "local"  # built here from local layers: the tensors are the same
     for flag, stored in STAG_FLAG_OF_STORED.items():
         if getattr(margs, stored, None) is not None:
             setattr(args, flag, getattr(margs, stored))

@@ -1,8 +1,10 @@
 """The StagFormer on Megatron-Core: its config, layer specs, attention modules and the model.
 
     config.py       StagFormerConfig (TransformerConfig + every StagFormer option, validated)
-    specs.py        layer specs and the one place backends are chosen
-    attention.py    SDPAttention (core attention) and StagCrossAttention
+    specs.py        layer specs and the one place backends are chosen (local, Transformer
+                    Engine)
+    attention.py    StagCrossAttention and its core attentions (SDPA; Transformer Engine's)
+    fp8.py          where Transformer Engine has an FP8 attention kernel for the model
     model.py        StagGPTModel, top to bottom (with the tying of shared-weight sections)
     state_keys.py   global, layout-independent checkpoint names of the model's tensors
 

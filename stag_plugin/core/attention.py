@@ -1,4 +1,9 @@
-"""Attention modules for the local backend: SDPA core attention and StagFormer cross-attention.
+"""Attention modules: StagFormer cross-attention, and the core attentions that compute it.
+
+    SDPAttention                the local backend's core attention (torch SDPA, CPU and GPU)
+    StagTEDotProductAttention   the Transformer Engine backend's core attention of the
+                                cross-attention: TE's, with the causal mask and its own window
+    StagCrossAttention          the cross-attention module (either backend fills its slots)
 
 Layouts (Megatron's): hidden states [s, b, h]; per-head tensors [s, b, heads, head_dim].
 
@@ -13,6 +18,8 @@ further than token 0.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from typing import Optional
 
 import torch
@@ -24,6 +31,7 @@ from megatron.core.utils import divide  # noqa: E402
 from torch import Tensor
 
 from stag_plugin.compat import megatron as compat
+from stag_plugin.core import fp8
 
 
 def cross_attention_mask(
@@ -109,12 +117,99 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
 
 
+def softmax_scale(config) -> float:
+    """The attention scale Megatron's modules use: config.softmax_scale, else 1/sqrt(head dim)."""
+    if config.softmax_scale is not None:
+        return config.softmax_scale
+    return config.kv_channels**-0.5
+
+
+# ---------------------------------------------------------------------------- Transformer Engine
+
+
+def te_window(window: Optional[int]) -> Optional[tuple]:
+    """cross_attention_window w -> Transformer Engine's window_size (w - 1, 0): query i sees
+    slots i-w+1..i. None (every earlier slot) stays None."""
+    return None if window is None else (window - 1, 0)
+
+
+def cross_mask_type(queries: int, slots: int) -> AttnMaskType:
+    """TE mask of the cross-attention for `queries` queries over `slots` memory slots.
+
+    Queries and slots at the same positions (training, prefill): `causal`, query i sees slots
+    0..i. Fewer queries, the last ones (a step against a cache): `causal_bottom_right`, the
+    diagonal aligned to the last slot (TE's top-left `causal` would hide all but slot 0)."""
+    return AttnMaskType.causal if queries == slots else AttnMaskType.causal_bottom_right
+
+
+def cross_core_config(config):
+    """The config TE's core attention of the cross-attention reads. TEDotProductAttention takes
+    its window from `config.window_size` (gated by `window_attn_skip_freq`), which StagFormer
+    keeps None for self-attention; this copy carries the cross-attention's own window."""
+    core = copy.copy(config)
+    core.window_size = te_window(config.cross_attention_window)
+    core.window_attn_skip_freq = None
+    return core
+
+
+class StagTEDotProductAttention:
+    """The cross-attention's core attention in the Transformer Engine backend: megatron-core's
+    TEDotProductAttention with mask `causal` (query i sees slots 0..i; `causal_bottom_right` for
+    queries at the end of a cache, see `cross_mask_type`) and window (w - 1, 0) from
+    `cross_attention_window`. The mask tensor StagCrossAttention passes is not needed.
+
+    Under FP8 with FP8 attention on, it runs in FP8 where Transformer Engine has a kernel for it
+    (stag_plugin.core.fp8); where it has none, this attention alone leaves the FP8 region
+    (computed in bf16) while the projections around it stay FP8.
+
+    A factory like Megatron's TENorm: the module it returns is an instance of a subclass of
+    TEDotProductAttention, made when first built (without Transformer Engine, megatron-core's
+    TEDotProductAttention is a stand-in that cannot be subclassed usefully)."""
+
+    def __new__(cls, config, layer_number: int, attn_mask_type: AttnMaskType,
+                attention_type: str, **kwargs):
+        base = compat.transformer_engine_layers().TEDotProductAttention
+        return _te_cross_attention_class(base)(config, layer_number, attention_type, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _te_cross_attention_class(base: type) -> type:
+    class TECrossCoreAttention(base):
+        __doc__ = StagTEDotProductAttention.__doc__
+
+        def __init__(self, config, layer_number: int, attention_type: str, **kwargs):
+            super().__init__(config=cross_core_config(config), layer_number=layer_number,
+                             attn_mask_type=AttnMaskType.causal, attention_type=attention_type,
+                             **kwargs)
+            self.bf16_in_fp8 = fp8.cross_attention_in_bf16(config, compat.cuda_capability())
+
+        def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                    attention_mask: Optional[Tensor] = None,
+                    attn_mask_type: Optional[AttnMaskType] = None, **kwargs) -> Tensor:
+            """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np * hn]."""
+            mask_type = cross_mask_type(query.shape[0], key.shape[0])
+            region = compat.fp8_disabled() if self.bf16_in_fp8 else contextlib.nullcontext()
+            with region:
+                return super().forward(query, key, value, None, attn_mask_type=mask_type,
+                                       **kwargs)
+
+    return TECrossCoreAttention
+
+
+# ---------------------------------------------------------------------------- cross-attention
+
+
 class StagCrossAttention(Attention):
     """Cross-attention from a section's hidden states to the previous section's shifted memory.
 
     Unlike Megatron's CrossAttention it supports grouped-query attention (num_query_groups
     key/value heads), applies RoPE at memory positions, and exposes the query and memory
     projections separately so a decoder can cache memory keys/values slot by slot.
+
+    Slots: linear_q (with the pre-cross-attention norm fused in, where the backend fuses norms),
+    linear_kv, core_attention, linear_proj. `attn_mask_type` says how the core attention masks:
+    `arbitrary` (the local backend: the mask tensor from StagGPTModel) or `causal` (Transformer
+    Engine: the mask is the kernel's own; the tensor is not passed on).
 
     forward(hidden [sq, b, h], mask [*, 1, sq, sk], memory [sk, b, h]) -> (out [sq, b, h], bias)
     """
@@ -193,6 +288,8 @@ class StagCrossAttention(Attention):
             raise NotImplementedError("Megatron inference contexts are not supported by "
                                       "StagCrossAttention; decode with stag_plugin's own engine")
         query, key, value = self.get_query_key_value_tensors(hidden_states, key_value_states)
+        if self.attn_mask_type == AttnMaskType.causal:
+            attention_mask = None
         if self.checkpoint_core_attention and self.training:
             context = self._checkpointed_attention_forward(query, key, value, attention_mask,
                                                            attn_mask_type=self.attn_mask_type)

@@ -3,6 +3,10 @@
 `num_layers` is the depth a token passes through: `num_sections * layers_per_section`. With shared
 weights the sections reuse one stack of `layers_per_section` layers, so the unique parameters are
 those of a `layers_per_section`-layer model plus the cross-attention sublayers.
+
+`transformer_impl` picks the layers (stag_plugin.core.specs): "local" (Megatron's local layers,
+torch norms and SDPA attention; the default here) or "transformer_engine" (Megatron's
+Transformer Engine layers, FP8 through Megatron's `fp8*` fields; stag_plugin.core.fp8).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from typing import Optional
 
 import torch
 
+from stag_plugin.compat import megatron as compat
 from stag_plugin.compat.megatron import import_megatron_core
+from stag_plugin.core import fp8
 from stag_plugin.errors import StagError
 
 import_megatron_core()
@@ -21,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 WEIGHT_SHARING = ("separate", "shared")
 OUTPUT_COMBINATIONS = ("last", "learned")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+BACKENDS = ("local", "transformer_engine")  # transformer_impl values StagGPTModel builds
 
 
 @dataclass
@@ -35,6 +42,8 @@ class StagFormerConfig(TransformerConfig):
         cross_attention_rope: RoPE on cross-attention queries and memory keys.
         position_embedding_type: "rope", "learned_absolute" or "none" (token positions).
         rotary_base, rotary_percent: RoPE base period and fraction of head dims rotated.
+        transformer_impl: "local" (default) or "transformer_engine" layers.
+        fp8_attention_fallback: "bf16" or "error" where FP8 attention has no TE kernel.
     """
 
     num_sections: int = 2
@@ -67,6 +76,17 @@ class StagFormerConfig(TransformerConfig):
     rotary_percent: float = 1.0
     """Fraction of each head's dimensions that RoPE rotates (0 < rotary_percent <= 1)."""
 
+    transformer_impl: str = "local"
+    """Which layers fill the layer slots: "local" (Megatron's local linear layers, torch norms,
+    SDPA attention; CPU and GPU) or "transformer_engine" (Megatron's Transformer Engine layers,
+    needs TE and a GPU; FP8 with `fp8`). Megatron's own default is "transformer_engine";
+    Megatron-LM's parsed args set it explicitly."""
+
+    fp8_attention_fallback: str = "bf16"
+    """When FP8 attention is asked for (`fp8_dot_product_attention`) but Transformer Engine has
+    no FP8 kernel for an attention of this model on this GPU (stag_plugin.core.fp8): "bf16" warns
+    once and runs that attention in bf16; "error" refuses the config."""
+
     use_cpu_initialization: bool = field(default_factory=lambda: not torch.cuda.is_available())
     """Initialise weights on the CPU. Defaults to True when no CUDA device is visible, since
     Megatron's GPU initialisation allocates on `torch.cuda.current_device()`."""
@@ -76,9 +96,11 @@ class StagFormerConfig(TransformerConfig):
         _check_stag_options(self)
         _check_heads(self)
         _check_unsupported(self)
+        _check_backend(self)
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype  # dtype of the tensors between stages
         super().__post_init__()
+        _resolve_fp8_attention(self)
 
     @property
     def layers_per_section(self) -> int:
@@ -198,5 +220,45 @@ def _check_unsupported(cfg: StagFormerConfig) -> None:
         _fail("multi_latent_attention", True, "MLA is not supported", "set it to False")
     if cfg.window_size is not None:
         _fail("window_size", cfg.window_size,
-              "sliding-window self-attention is not supported by the SDPA backend",
+              "sliding-window self-attention is not supported (the decoders' self-attention "
+              "caches hold every position)",
               "set window_size=None (the cross-attention window is cross_attention_window)")
+
+
+def _check_backend(cfg: StagFormerConfig) -> None:
+    if cfg.transformer_impl not in BACKENDS:
+        _fail("transformer_impl", cfg.transformer_impl, "StagGPTModel builds no such layers",
+              f"use one of {BACKENDS}")
+    if cfg.fp8 and cfg.transformer_impl != "transformer_engine":
+        _fail("fp8", cfg.fp8, "FP8 runs through Transformer Engine's layers, and "
+              f"transformer_impl={cfg.transformer_impl!r}",
+              "set transformer_impl='transformer_engine' (--transformer-impl transformer_engine)")
+    if cfg.fp8_attention_fallback not in fp8.FALLBACKS:
+        _fail("fp8_attention_fallback", cfg.fp8_attention_fallback, "unknown fallback",
+              f"use one of {fp8.FALLBACKS}")
+    if cfg.first_last_layers_bf16 and (cfg.num_sections > 1
+                                       or cfg.pipeline_model_parallel_size > 1):
+        _fail("first_last_layers_bf16", True, "Megatron picks the bf16 layers by their number "
+              "in one TransformerBlock, and StagGPTModel numbers the layers of each section "
+              "(and pipeline stage) from 1", "drop it (--first-last-layers-bf16); it works for a "
+              "one-section model on one pipeline stage")
+
+
+def _resolve_fp8_attention(cfg: StagFormerConfig) -> None:
+    """FP8 attention where Transformer Engine has a kernel for it (stag_plugin.core.fp8):
+    refused, or kept in bf16 with one warning."""
+    found = fp8.attention_findings(
+        cfg, compat.cuda_capability() if fp8.wants_fp8_attention(cfg) else None)
+    if not found:
+        return
+    if cfg.fp8_attention_fallback == "error":
+        _fail("fp8_dot_product_attention", True,
+              "Transformer Engine has no FP8 attention kernel for this model here: "
+              + "; ".join(f.reason for f in found),
+              "drop FP8 attention (--fp8-dot-product-attention, --fp8-multi-head-attention), "
+              "or set fp8_attention_fallback='bf16' (--stag-fp8-attention-fallback bf16) to run "
+              "that attention in bf16")
+    fp8.warn(found)
+    if any(f.scope == "all" for f in found):
+        cfg.fp8_dot_product_attention = False
+        cfg.fp8_multi_head_attention = False

@@ -14,6 +14,10 @@ Shared weights: every section runs section 1's layers (self-attention, MLP, norm
 2..p also share section 2's cross-attention. Each section keeps its own module object (hooks on
 `sections[k]` see section k) holding the shared submodules.
 
+FP8 (Transformer Engine layers): each section's TransformerBlock opens its own FP8 region
+(Megatron's get_fp8_context), so a module shared by several sections runs once per region and
+its delayed-scaling amax is reduced before the next section uses it (docs/transformer_engine.md).
+
 Pipeline parallelism: `stag_plugin.parallel.layout` decides which layers each stage holds; a stage
 builds only those (its sections' layers keep their global names, `sections.{k}.layers.{i}`),
 re-embeds the token ids when it starts a section, and passes one packed tensor to the next stage
@@ -42,7 +46,7 @@ from megatron.core.transformer.transformer_block import (  # noqa: E402
 from torch import Tensor
 
 from stag_plugin.compat import megatron as compat
-from stag_plugin.core import state_keys
+from stag_plugin.core import fp8, state_keys
 from stag_plugin.core.attention import cross_attention_mask
 from stag_plugin.core.config import StagFormerConfig
 from stag_plugin.core.specs import StagLayerSpecs, get_stag_layer_spec
@@ -61,7 +65,8 @@ class StagGPTModel(LanguageModule):
         config: the StagFormerConfig (every StagFormer option lives there).
         vocab_size: vocabulary size (divisible by the tensor-parallel size).
         max_sequence_length: longest sequence (sizes learned position embeddings).
-        transformer_layer_spec: StagLayerSpecs; None builds `get_stag_layer_spec()`.
+        transformer_layer_spec: StagLayerSpecs; None builds `get_stag_layer_spec` for
+            config.transformer_impl.
         pre_process, post_process: Megatron's pipeline-stage flags: this rank is the first /
             last pipeline stage (checked against Megatron's parallel state).
         share_embeddings_and_output_weights: tie the LM head to the word embeddings.
@@ -94,7 +99,8 @@ class StagGPTModel(LanguageModule):
         _check_stage_flags(self.stage, len(self.stages), pre_process, post_process)
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor = None
-        specs = transformer_layer_spec or get_stag_layer_spec(qk_layernorm=config.qk_layernorm)
+        specs = transformer_layer_spec or get_stag_layer_spec(config.transformer_impl,
+                                                              config.qk_layernorm)
 
         # 1. Token (and optional position) embedding, on every stage that starts a section.
         if self.stage.embeds:
@@ -107,7 +113,7 @@ class StagGPTModel(LanguageModule):
 
         # 2. Sections (this stage's part of them): TransformerBlocks, a final norm ending each.
         self.sections = SectionList(
-            [SectionBlock(config, specs.for_section(seg.section), seg)
+            [SectionBlock(config, specs.for_section(seg.section), specs.final_layernorm, seg)
              for seg in self.stage.segments])
         if config.weight_sharing == "shared":
             share_section_weights(self.sections)
@@ -159,6 +165,7 @@ class StagGPTModel(LanguageModule):
         if packed_seq_params is not None:
             raise NotSupported("StagGPTModel does not take packed sequences (packed_seq_params, "
                                "e.g. Megatron-LM's --sft)", "train on unpacked sequences")
+        _check_fp8_region(self.config)
         carry = (pipeline.unpack(self.input_tensor, self.stage.receives)
                  if self.stage.receives else {})
         embedded = (self.embedding(input_ids=input_ids, position_ids=position_ids)
@@ -330,13 +337,13 @@ class SectionBlock(TransformerBlock):
     checkpoint names are set by StagGPTModel.checkpoint_key.
     """
 
-    def __init__(self, config: StagFormerConfig, layer_spec, segment: Segment):
+    def __init__(self, config: StagFormerConfig, layer_spec, final_layernorm, segment: Segment):
         block_config = copy.copy(config)
         block_config.pipeline_model_parallel_size = 1
         super().__init__(
             config=block_config,
             spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * segment.num_layers,
-                                            layer_norm=layer_spec.submodules.input_layernorm),
+                                            layer_norm=final_layernorm),
             post_layer_norm=True, pre_process=True, post_process=segment.ends_section,
         )
         self.segment = segment
@@ -396,6 +403,21 @@ def _check_stage_flags(stage, num_stages: int, pre_process: bool, post_process: 
             f"pre_process={pre_process}, post_process={post_process} do not match pipeline "
             f"stage {stage.index} of {num_stages} (Megatron's parallel state)", "pass "
             "pre_process=is_pipeline_first_stage(), post_process=is_pipeline_last_stage()")
+
+
+def _check_fp8_region(config) -> None:
+    """Refuse a forward inside an FP8 region opened by the caller when shared weights would
+    then run one module several times in it: with delayed scaling Transformer Engine records one
+    amax per module per region, so later calls would overwrite the earlier ones before the
+    reduction (TE's autocast documentation). Each section's own region avoids that."""
+    if (config.fp8 and config.weight_sharing == "shared" and config.num_sections > 1
+            and fp8.recipe_name(config) == "delayed" and compat.fp8_region_open()):
+        raise NotSupported(
+            "StagGPTModel.forward runs inside an FP8 region (fp8_autocast) the caller opened: "
+            "with shared weights each shared module would run once per section in that one "
+            "region, and delayed scaling keeps one amax per module per region",
+            "call the model outside fp8_autocast: with config.fp8 set, each section's "
+            "TransformerBlock opens its own FP8 region (Megatron's get_fp8_context)")
 
 
 def _ensure_parallel_state() -> None:

@@ -8,7 +8,16 @@ A StagFormer layer is Megatron's TransformerLayer with slots filled:
                     -> pre_mlp_layernorm -> mlp
 
 The backend (which linear, norm and core-attention modules fill the slots) is chosen in
-`get_backend`, the one place that knows about backends.
+`get_backend`, the one place that knows about backends:
+
+    "local"               Megatron's local linear layers, torch norms, SDPA core attention
+    "transformer_engine"  Megatron's Transformer Engine layers, as its GPT TE spec
+                          (get_gpt_layer_with_transformer_engine_spec) builds them: each pre-norm
+                          fused into the linear layer after it (TELayerNormColumnParallelLinear:
+                          input_layernorm into linear_qkv, pre_mlp_layernorm into linear_fc1, and
+                          here pre_cross_attn_layernorm into the cross-attention's linear_q, the
+                          norm slots left IdentityOp), TEDotProductAttention, TENorm; the
+                          cross-attention's core attention is StagTEDotProductAttention
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from megatron.core.extensions.transformer_engine_spec_provider import (  # noqa: E402
+    TESpecProvider,
+)
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
@@ -35,11 +47,10 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
     TransformerLayerSubmodules,
 )
 
-from stag_plugin.compat.megatron import require_optional
-from stag_plugin.core.attention import SDPAttention, StagCrossAttention
-from stag_plugin.errors import NotSupported, StagError
-
-BACKENDS = ("local",)
+from stag_plugin.compat import megatron as compat
+from stag_plugin.core.attention import SDPAttention, StagCrossAttention, StagTEDotProductAttention
+from stag_plugin.core.config import BACKENDS
+from stag_plugin.errors import StagError
 
 
 class TorchNorm:
@@ -75,24 +86,52 @@ class StagLocalSpecProvider(LocalSpecProvider):
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, **options) -> type:
         return TorchNorm  # (options: megatron-core 0.19 adds `has_residual`, unused by torch norms)
 
+    def cross_core_attention(self) -> type:
+        """The cross-attention's core attention: SDPA under the mask StagGPTModel builds."""
+        return SDPAttention
+
+    def cross_attn_mask_type(self) -> AttnMaskType:
+        return AttnMaskType.arbitrary
+
+
+class StagTESpecProvider(TESpecProvider):
+    """Megatron's Transformer Engine backend, plus the cross-attention's core attention."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, **options) -> type:
+        if for_qk and not compat.transformer_engine_available():
+            # Megatron asks Transformer Engine's version here (FusedLayerNorm before TE 1.9);
+            # without TE (specs inspected on a CPU) it is the class any TE 2.x gives.
+            return super().layer_norm(rms_norm=rms_norm, **options)
+        return super().layer_norm(rms_norm=rms_norm, for_qk=for_qk, **options)
+
+    def cross_core_attention(self) -> type:
+        """TE's core attention with the causal mask and the cross-attention's own window."""
+        return StagTEDotProductAttention
+
+    def cross_attn_mask_type(self) -> AttnMaskType:
+        return AttnMaskType.causal
+
 
 def get_backend(name: str = "local") -> BackendSpecProvider:
-    """The backend that fills the layer slots. Only "local" exists so far."""
+    """The backend that fills the layer slots: "local" or "transformer_engine" (the values of
+    Megatron's `transformer_impl`; the latter needs Transformer Engine installed)."""
     if name == "local":
         return StagLocalSpecProvider()
     if name == "transformer_engine":
-        require_optional("transformer_engine", "the Transformer Engine backend")
-        raise NotSupported("the Transformer Engine backend (FP8 cross-attention) is not "
-                           "implemented yet", "use backend='local'")
+        compat.require_transformer_engine("the Transformer Engine backend "
+                                          "(transformer_impl='transformer_engine')")
+        return StagTESpecProvider()
     raise StagError(f"unknown StagFormer backend {name!r}", f"use one of {BACKENDS}")
 
 
 @dataclass(frozen=True)
 class StagLayerSpecs:
-    """The two layer specs of a StagFormer: section 1's, and the one every later section uses."""
+    """The two layer specs of a StagFormer, section 1's and the one every later section uses,
+    and the norm ending each section (its TransformerBlock's final_layernorm)."""
 
     first_section: ModuleSpec
     later_sections: ModuleSpec
+    final_layernorm: type
 
     def for_section(self, index: int) -> ModuleSpec:
         """Spec for the layers of section `index` (0-based)."""
@@ -101,35 +140,45 @@ class StagLayerSpecs:
 
 def get_stag_layer_spec(backend: str = "local", qk_layernorm: bool = False) -> StagLayerSpecs:
     """Layer specs for StagGPTModel: self-attention only in section 1, self-attention then
-    cross-attention then MLP in later sections."""
+    cross-attention then MLP in later sections. `backend` is the config's transformer_impl."""
     provider = get_backend(backend)
     return StagLayerSpecs(
         first_section=_layer_spec(provider, qk_layernorm, with_cross_attention=False),
         later_sections=_layer_spec(provider, qk_layernorm, with_cross_attention=True),
+        final_layernorm=provider.layer_norm(),
     )
 
 
 def _layer_spec(provider, qk_layernorm: bool, with_cross_attention: bool) -> ModuleSpec:
-    norm = provider.layer_norm()
+    # A backend that fuses norms into the next linear layer leaves the norm slots empty.
+    pre_norm = IdentityOp if provider.fuse_layernorm_and_linear() else provider.layer_norm()
     cross = {}
     if with_cross_attention:
         cross = dict(
-            pre_cross_attn_layernorm=norm,
+            pre_cross_attn_layernorm=pre_norm,
             cross_attention=_cross_attention_spec(provider),
             cross_attn_bda=get_bias_dropout_add,
         )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
+            input_layernorm=pre_norm,
             self_attention=_self_attention_spec(provider, qk_layernorm),
             self_attn_bda=get_bias_dropout_add,
             **cross,
-            pre_mlp_layernorm=norm,
+            pre_mlp_layernorm=pre_norm,
             mlp=get_mlp_module_spec_for_backend(provider),  # Megatron's own dense MLP spec
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def _normed_linear(provider) -> type:
+    """The column-parallel linear layer after a pre-norm: with the norm fused in, if the
+    backend fuses (TELayerNormColumnParallelLinear)."""
+    if provider.fuse_layernorm_and_linear():
+        return provider.column_parallel_layer_norm_linear()
+    return provider.column_parallel_linear()
 
 
 def _self_attention_spec(provider, qk_layernorm: bool) -> ModuleSpec:
@@ -138,7 +187,7 @@ def _self_attention_spec(provider, qk_layernorm: bool) -> ModuleSpec:
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=provider.column_parallel_linear(),
+            linear_qkv=_normed_linear(provider),
             core_attention=provider.core_attention(),
             linear_proj=provider.row_parallel_linear(),
             q_layernorm=qk_norm,
@@ -150,11 +199,11 @@ def _self_attention_spec(provider, qk_layernorm: bool) -> ModuleSpec:
 def _cross_attention_spec(provider) -> ModuleSpec:
     return ModuleSpec(
         module=StagCrossAttention,
-        params={"attn_mask_type": AttnMaskType.arbitrary},
+        params={"attn_mask_type": provider.cross_attn_mask_type()},
         submodules=CrossAttentionSubmodules(
-            linear_q=provider.column_parallel_linear(),
-            linear_kv=provider.column_parallel_linear(),
-            core_attention=provider.core_attention(),
+            linear_q=_normed_linear(provider),
+            linear_kv=provider.column_parallel_linear(),  # the memory is normalised already
+            core_attention=provider.cross_core_attention(),
             linear_proj=provider.row_parallel_linear(),
         ),
     )

@@ -10,6 +10,8 @@ under one name that does not depend on the layout, so that any TP / PP layout lo
                                                 .sharing), once
     the tied LM head                            under embedding.word_embeddings.weight
     a pipeline replica                          written by its first holder stage only
+    a norm fused into a linear layer            under the local backend's norm name
+    (Transformer Engine)                        (stag_plugin.reference.name_map.TE_FUSED_NORMS)
 
 The functions take the model (its config, pipeline stage and layout) and return names; the
 model's own methods (`checkpoint_key`, `sharded_state_dict`, `load_state_dict`) call them.
@@ -22,6 +24,7 @@ from typing import Dict
 from torch import Tensor
 
 from stag_plugin.parallel.layout import replica_stages, shared_layer_stages
+from stag_plugin.reference import name_map
 from stag_plugin.reference.name_map import owner_key
 from stag_plugin.reference.sharing import owner_section
 
@@ -29,7 +32,7 @@ from stag_plugin.reference.sharing import owner_section
 def checkpoint_key(model, local_name: str, owner: bool = True) -> str:
     """Global name of parameter `local_name` of this stage: sections and layers by their index
     in the model, shared weights under their owner (unless `owner=False`), the tied head under
-    the word embeddings."""
+    the word embeddings, Transformer Engine's fused norms under the local backend's names."""
     if local_name == "output_layer.weight" and model.share_embeddings_and_output_weights:
         return "embedding.word_embeddings.weight"
     if not local_name.startswith("sections."):
@@ -39,7 +42,7 @@ def checkpoint_key(model, local_name: str, owner: bool = True) -> str:
     if rest.startswith("layers."):
         _, layer, tail = rest.split(".", 2)
         rest = f"layers.{seg.first_layer + int(layer)}.{tail}"
-    name = f"sections.{seg.section}.{rest}"
+    name = name_map.local_key(f"sections.{seg.section}.{rest}")
     return owner_key(model.config, name) if owner else name
 
 

@@ -10,7 +10,9 @@ slot j = section k-1's output at token j-1), as in stag_plugin.core.attention.
 Every layer is computed with the model's own submodules (norms, linear_qkv, linear_proj,
 StagCrossAttention.project_query / project_memory, mlp, final_layernorm, embedding,
 output_layer), so tensor-parallel shards decode as they train: row-parallel projections
-all-reduce inside Megatron's modules.
+all-reduce inside Megatron's modules. Either backend: with Transformer Engine layers the norm
+slots are IdentityOp and each norm runs inside the linear layer after it; attention over the
+caches is torch's SDPA in both.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stag_plugin.compat import megatron as compat
+from stag_plugin.core.attention import softmax_scale
 from stag_plugin.reference.kv_cache import KVCache
 
 
@@ -71,9 +74,8 @@ class LayerMath:
 
     @classmethod
     def of(cls, model) -> "LayerMath":
-        attention = model.sections[0].layers[0].self_attention
         return cls(model.config, getattr(model, "rotary_pos_emb", None),
-                   attention.core_attention.softmax_scale)
+                   softmax_scale(model.config))
 
 
 # ---------------------------------------------------------------------------- a section
@@ -203,9 +205,10 @@ def logits(model, outs: List[Tensor], combine: bool) -> Tensor:
 
 
 def weight_and_bias(linear) -> List[Tensor]:
-    """A Megatron linear layer's weight and (if it has one) bias."""
+    """A Megatron linear layer's weight and (if it has one) bias. (A Transformer Engine layer
+    without bias holds an empty tensor as its `bias`.)"""
     bias = getattr(linear, "bias", None)
-    return [linear.weight] + ([bias] if isinstance(bias, Tensor) else [])
+    return [linear.weight] + ([bias] if isinstance(bias, Tensor) and bias.numel() else [])
 
 
 def _with_bias(output_and_bias) -> Tensor:

@@ -25,7 +25,14 @@ the self-attention/MLP/norm weights from Megatron section 0 and the cross-attent
 section 1; Megatron's other copies are aliases, checked equal and not stored twice.
 Megatron's fused layouts: linear_qkv rows are grouped per key/value group as
 [q heads of the group | k | v]; linear_kv rows as [k | v] per group; linear_fc1 as [gate | up].
-`_extra_state` entries (always None for the local backend) carry no weights and are skipped.
+`_extra_state` entries (None for the local backend, FP8 metadata for Transformer Engine layers)
+carry no weights and are skipped.
+
+Transformer Engine layers fuse each pre-norm into the linear layer after it; their keys name the
+norm inside that layer (TE_FUSED_NORMS), e.g. `self_attention.linear_qkv.layer_norm_weight` for
+`input_layernorm.weight`. Every function here takes either spelling (`local_key`), and
+checkpoints store the local one (stag_plugin.core.state_keys), so both backends read and write
+the same names.
 """
 
 from __future__ import annotations
@@ -56,6 +63,14 @@ LAYER_MODULES = {
     "pre_mlp_layernorm": "ln_mlp",
     "mlp.linear_fc1": "mlp.up",  # ("mlp.gate", "mlp.up") for a gated linear unit
     "mlp.linear_fc2": "mlp.down",
+}
+TE_FUSED_NORMS = {  # Transformer Engine layer key -> local layer key, within a layer
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "cross_attention.linear_q.layer_norm_weight": "pre_cross_attn_layernorm.weight",
+    "cross_attention.linear_q.layer_norm_bias": "pre_cross_attn_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 _LAYER_RE = re.compile(r"^sections\.(\d+)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _SECTION_RE = re.compile(r"^sections\.(\d+)\.(final_layernorm)\.(weight|bias)$")
@@ -99,18 +114,34 @@ def _reference_modules(cfg, module: str):
 
 # ----------------------------------------------------------------- key bookkeeping
 
+_IN_LAYER_RE = re.compile(r"^(.*\blayers\.\d+\.)(.+)$")
+
+
+def local_key(key: str) -> str:
+    """`key` with a Transformer Engine fused-norm name replaced by the local backend's
+    (`...layers.{i}.mlp.linear_fc1.layer_norm_weight` -> `...layers.{i}.pre_mlp_layernorm.weight`);
+    any other key unchanged."""
+    match = _IN_LAYER_RE.match(key)
+    if match is None or match.group(2) not in TE_FUSED_NORMS:
+        return key
+    return match.group(1) + TE_FUSED_NORMS[match.group(2)]
+
+
 def _stack(cfg, section: int) -> int:
     return 0 if cfg.weight_sharing == "shared" else section
 
 
 def owner_key(cfg, key: str) -> str:
-    """The key a weight is stored under: its owner's with shared weights, else `key` itself."""
+    """The key a weight is stored under: its owner's with shared weights, else `key` itself
+    (local-backend names either way)."""
+    key = local_key(key)
     return _alias_owner(cfg, key) or key
 
 
 def _alias_owner(cfg, key: str) -> Optional[str]:
     """With shared weights, the owner of an aliased key (stag_plugin.reference.sharing); None
     for keys that own their tensor."""
+    key = local_key(key)
     match = _SECTION_PREFIX_RE.match(key)
     if cfg.weight_sharing != "shared" or match is None:
         return None
@@ -123,6 +154,7 @@ def _alias_owner(cfg, key: str) -> Optional[str]:
 def reference_names(cfg, key: str) -> Tuple[List[str], Optional[Tuple[int, List[int]]]]:
     """Reference keys holding Megatron `key` (an owner key, not an alias), and the fused layout
     (groups, row sizes) when one Megatron tensor splits into several reference tensors."""
+    key = local_key(key)
     if key in MODEL_KEYS:
         return [MODEL_KEYS[key]], None
     section, layer = _SECTION_RE.match(key), _LAYER_RE.match(key)
@@ -143,12 +175,13 @@ def reference_names(cfg, key: str) -> Tuple[List[str], Optional[Tuple[int, List[
 def megatron_to_reference(state_dict: Dict[str, torch.Tensor], cfg) -> Dict[str, torch.Tensor]:
     """StagGPTModel state dict (TP=1) -> reference StagFormer state dict, with hard checks."""
     out: Dict[str, torch.Tensor] = {}
+    by_local_name = {local_key(key): key for key in state_dict}
     for key, value in state_dict.items():
         if key.endswith("_extra_state"):
             continue
         owner = _alias_owner(cfg, key)
         if owner is not None:
-            _check_alias(key, value, owner, state_dict)
+            _check_alias(key, value, owner, state_dict.get(by_local_name.get(owner, owner)))
             continue
         names, layout = reference_names(cfg, key)
         parts = [value] if layout is None else split_groups(value, *layout)
@@ -160,8 +193,7 @@ def megatron_to_reference(state_dict: Dict[str, torch.Tensor], cfg) -> Dict[str,
     return out
 
 
-def _check_alias(key, value, owner_key, state_dict):
-    owner = state_dict.get(owner_key)
+def _check_alias(key, value, owner_key, owner):
     if owner is None or owner.shape != value.shape or not torch.equal(owner, value):
         raise ValueError(f"shared-weights checkpoint: {key!r} should equal {owner_key!r}")
 

@@ -47,7 +47,12 @@ STAG_FLAGS = (
     ("--stag-cross-attention-rope", "cross_attention_rope", dict(
         action=argparse.BooleanOptionalAction, default=True,
         help="RoPE in cross-attention (memory slots at their token positions)")),
+    ("--stag-fp8-attention-fallback", "fp8_attention_fallback", dict(
+        choices=("bf16", "error"), default="bf16",
+        help="with FP8 attention, an attention Transformer Engine has no FP8 kernel for (see "
+             "docs/transformer_engine.md): run it in bf16 (saying so once), or refuse")),
 )
+STAG_PRECISION_FIELDS = ("fp8_attention_fallback",)  # --stag-* flags that leave shapes alone
 
 # Flags whose values fix the parameter shapes or the function a checkpoint computes.
 ARCHITECTURE_FLAGS = (
@@ -55,7 +60,7 @@ ARCHITECTURE_FLAGS = (
     "group_query_attention", "num_query_groups", "kv_channels", "normalization", "norm_epsilon",
     "swiglu", "disable_bias_linear", "qk_layernorm", "untie_embeddings_and_output_weights",
     "position_embedding_type", "rotary_base", "rotary_percent", "max_position_embeddings",
-) + tuple(_dest(flag) for flag, _, _ in STAG_FLAGS)
+) + tuple(_dest(flag) for flag, field, _ in STAG_FLAGS if field not in STAG_PRECISION_FIELDS)
 
 _FLAG_OF_FIELD = {field: flag for flag, field, _ in STAG_FLAGS} | {
     "num_layers": "--num-layers", "hidden_size": "--hidden-size",
@@ -64,7 +69,8 @@ _FLAG_OF_FIELD = {field: flag for flag, field, _ in STAG_FLAGS} | {
     "rotary_percent": "--rotary-percent", "ffn_hidden_size": "--ffn-hidden-size",
     "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
     "virtual_pipeline_model_parallel_size": "--num-layers-per-virtual-pipeline-stage",
-    "sequence_parallel": "--sequence-parallel",
+    "sequence_parallel": "--sequence-parallel", "transformer_impl": "--transformer-impl",
+    "fp8": "--fp8-format", "fp8_dot_product_attention": "--fp8-dot-product-attention",
 }
 
 # Flags of the learning-rate / weight-decay schedule, checked on resume (see train.check_resume).
@@ -77,11 +83,24 @@ SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay
 DEFAULT_CACHE = Path(os.environ.get("STAG_CACHE", Path.home() / ".cache" / "stag_plugin"))
 
 
+# FP8 attention: Megatron's TransformerConfig fields, which Megatron-LM's parser leaves without
+# a flag; these flags have the fields' names (what Megatron-LM's generated flags would be).
+FP8_ATTENTION_FLAGS = (
+    ("--fp8-dot-product-attention", "FP8 dot-product attention (Transformer Engine)"),
+    ("--fp8-multi-head-attention", "FP8 multi-head attention (Transformer Engine)"),
+)
+
+
 def add_stag_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `--stag-*` flags (usable as Megatron-LM's `extra_args_provider`)."""
+    """Add the `--stag-*` flags and the FP8 attention switches (usable as Megatron-LM's
+    `extra_args_provider`; a parser that already has an FP8 attention flag keeps its own)."""
     group = parser.add_argument_group("StagFormer")
     for flag, _, kwargs in STAG_FLAGS:
         group.add_argument(flag, **kwargs)
+    have = {option for action in parser._actions for option in action.option_strings}
+    for flag, help_text in FP8_ATTENTION_FLAGS:
+        if flag not in have:
+            group.add_argument(flag, action="store_true", help=help_text)
     return parser
 
 
@@ -122,7 +141,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--transformer-impl", default="transformer_engine",
                    choices=("local", "transformer_engine", "inference_optimized"),
-                   help="only local is implemented so far: pass --transformer-impl local")
+                   help="transformer_engine (needs Transformer Engine and a GPU) or local "
+                        "(Megatron's local layers, CPU and GPU); inference_optimized is refused")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages; with p sections, p stages puts one section on each")
@@ -131,8 +151,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split norms/dropout activations over the tensor-parallel ranks")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
+    add_fp8_args(parser)
     add_stag_args(parser)
     add_runtime_args(parser)
+
+
+def add_fp8_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's FP8 flags (Transformer Engine; the FP8 attention switches come with
+    add_stag_args)."""
+    g = parser.add_argument_group("FP8 (Megatron-LM's names, meanings and defaults; needs "
+                                  "--transformer-impl transformer_engine)")
+    g.add_argument("--fp8-format", dest="fp8", default=None, choices=("e4m3", "hybrid"),
+                   help="train with FP8 GEMMs in this format")
+    g.add_argument("--fp8-recipe", default="delayed",
+                   choices=("tensorwise", "delayed", "mxfp8", "blockwise"))
+    g.add_argument("--fp8-margin", type=int, default=0)
+    g.add_argument("--fp8-amax-history-len", type=int, default=1)
+    g.add_argument("--fp8-amax-compute-algo", default="most_recent",
+                   choices=("most_recent", "max"))
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -155,10 +191,13 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-mcore-models", action="store_true", dest="deprecated_use_mcore_models",
                    help="accepted: ignored, as in Megatron-LM (deprecated there)")
     g.add_argument("--use-flash-attn", action="store_true",
-                   help="accepted: with --transformer-impl local Megatron-LM ignores it too")
+                   help="accepted: with --transformer-impl local Megatron-LM ignores it too; "
+                        "Transformer Engine picks its attention kernel itself")
     g.add_argument("--attention-backend", default="auto",
                    choices=("flash", "fused", "unfused", "auto"),
-                   help="accepted: with --transformer-impl local Megatron-LM ignores it too")
+                   help="accepted: with --transformer-impl local Megatron-LM ignores it too; "
+                        "Transformer Engine picks its attention kernel itself (NVTE_* variables "
+                        "steer it)")
     g.add_argument("--distributed-backend", default="nccl", choices=("nccl", "gloo"),
                    help="collectives on GPUs (gloo without GPUs)")
     g.add_argument("--ckpt-format", default="torch_dist",
@@ -509,7 +548,8 @@ def schedule_steps(args) -> dict:
 
 def check_trainable(args: argparse.Namespace) -> None:
     """What `stag train` needs on top of finalize_args: every flag Megatron-LM requires, and
-    only what stag train implements (--transformer-impl local, --ckpt-format torch_dist)."""
+    only what stag train implements (--transformer-impl local or transformer_engine, the latter
+    with Transformer Engine installed; --ckpt-format torch_dist)."""
     missing = [f"--{_flag(name)}" for name in REQUIRED if getattr(args, name) is None]
     if args.train_iters is None:
         missing.append("--train-iters (or --train-samples)")
@@ -517,14 +557,14 @@ def check_trainable(args: argparse.Namespace) -> None:
         raise StagError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
                         "(Megatron-LM has no default either)", "pass them, or start from a "
                         "preset: --config configs/tiny_cpu.yaml (command-line flags win)")
-    if args.transformer_impl != "local":
-        from stag_plugin.training.megatron_lm_flags import ENTRY
+    if args.transformer_impl == "inference_optimized":
+        raise NotSupported("--transformer-impl inference_optimized is not implemented by "
+                           "StagGPTModel", "pass --transformer-impl transformer_engine or local")
+    if args.transformer_impl == "transformer_engine":
+        from stag_plugin.compat.megatron import require_transformer_engine
 
-        raise NotSupported(
-            f"--transformer-impl {args.transformer_impl} is not implemented yet (stag train "
-            "builds the local implementation; transformer_engine is Megatron-LM's default)",
-            f"pass --transformer-impl local (the Megatron-LM entry, {ENTRY}, also needs "
-            "--transformer-impl local for now)")
+        require_transformer_engine("--transformer-impl transformer_engine (Megatron-LM's "
+                                   "default)")
     if args.ckpt_format != "torch_dist":
         raise NotSupported(f"--ckpt-format {args.ckpt_format} is not implemented: stag train "
                            "writes torch_dist checkpoints", "drop it (torch_dist is Megatron-LM's "
@@ -548,8 +588,9 @@ def config_from_args(args: argparse.Namespace):
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=_virtual_pipeline_size(args),
-        sequence_parallel=args.sequence_parallel, transformer_impl="local",
+        sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl,
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        **{field: getattr(args, field, default) for field, default in FP8_FIELDS.items()},
     )
     if args.swiglu:
         kwargs["activation_func"] = torch.nn.functional.silu
@@ -562,6 +603,12 @@ def config_from_args(args: argparse.Namespace):
     except ValueError as err:  # Megatron's own TransformerConfig checks
         raise StagError(f"the flags give a configuration Megatron-Core refuses: {err}",
                         "change the flags it names (stag train --help)") from err
+
+
+# Config fields set by the FP8 flags (their dests), with Megatron's defaults for args without them.
+FP8_FIELDS = {"fp8": None, "fp8_recipe": "delayed", "fp8_margin": 0, "fp8_amax_history_len": 1,
+              "fp8_amax_compute_algo": "most_recent", "fp8_dot_product_attention": False,
+              "fp8_multi_head_attention": False}
 
 
 def _virtual_pipeline_size(args):

@@ -139,7 +139,7 @@ def build_model(args, vocab: int, config=None) -> list:
     config = config or arguments.config_from_args(args)
     model = StagGPTModel(
         config, vocab_size=vocab, max_sequence_length=args.max_position_embeddings,
-        transformer_layer_spec=get_stag_layer_spec(qk_layernorm=args.qk_layernorm),
+        transformer_layer_spec=get_stag_layer_spec(config.transformer_impl, args.qk_layernorm),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)

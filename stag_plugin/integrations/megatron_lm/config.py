@@ -78,10 +78,12 @@ def stag_config_from_megatron_args(args) -> StagFormerConfig:
 
     Megatron-LM's `core_transformer_config_from_args` fills every TransformerConfig field from
     the args of the same name; the --stag-* values (dests `stag_num_sections`, ...) are put
-    under their config field names first. Two settings are the plugin's, not the flags': its
-    norms are torch's (stag_plugin.core.specs), so apex's persistent LayerNorm kernel (Megatron-LM's
-    default unless --no-persist-layer-norm) is off; without CUDA, weights are initialised on
-    the CPU. Raises ValueError naming the Megatron-LM flag of a rejected value.
+    under their config field names first; so are --transformer-impl (the layers:
+    stag_plugin.core.specs), Megatron-LM's FP8 flags and the FP8 attention switches
+    (`add_stag_args`). Two settings are the plugin's, not the flags': its local norms are torch's,
+    so apex's persistent LayerNorm kernel (Megatron-LM's default unless
+    --no-persist-layer-norm) is off; without CUDA, weights are initialised on the CPU. Raises
+    ValueError naming the Megatron-LM flag of a rejected value.
     """
     from megatron.training.arguments import core_transformer_config_from_args
 
@@ -117,10 +119,27 @@ def check_megatron_lm_args(args) -> None:
             raise NotSupported(f"StagGPTModel does not support --{name.replace('_', '-')}"
                                f"={getattr(args, name)!r}", fix)
     impl = getattr(args, "transformer_impl", "local")
-    if impl not in (None, "local"):
-        raise NotSupported(f"--transformer-impl {impl} (Megatron-LM's default) is not "
-                           "implemented for StagGPTModel: its layers are Megatron's local ones",
-                           "pass --transformer-impl local")
+    if impl not in (None, "local", "transformer_engine"):
+        raise NotSupported(f"--transformer-impl {impl} is not implemented for StagGPTModel",
+                           "pass --transformer-impl transformer_engine (Megatron-LM's default) "
+                           "or local")
+    if impl == "transformer_engine":
+        _check_transformer_engine_args(args)
+
+
+def _check_transformer_engine_args(args) -> None:
+    """What the Transformer Engine layers of StagGPTModel need of Megatron-LM's args."""
+    from stag_plugin.compat.megatron import require_transformer_engine
+
+    require_transformer_engine("--transformer-impl transformer_engine (Megatron-LM's default)")
+    if getattr(args, "reset_attention_mask", False):
+        raise NotSupported("--reset-attention-mask with Transformer Engine layers: their "
+                           "attention is causal over the whole sequence and would not read "
+                           "the document-boundary mask",
+                           "drop --reset-attention-mask, or pass --transformer-impl local")
+    if getattr(args, "tp_comm_overlap", False):
+        raise NotSupported("--tp-comm-overlap: the cross-attention's projections have no "
+                           "userbuffers", "drop --tp-comm-overlap")
 
 
 def check_boundary_shapes(config: StagFormerConfig) -> None:
