@@ -49,11 +49,8 @@ def build_parser(prog: str = "stag convert from-gpt") -> argparse.ArgumentParser
                         help="GPT checkpoint: run folder or iter_XXXXXXX folder")
     parser.add_argument("--out", type=Path, required=True, help="run folder to write")
     parser.add_argument("--recipe", choices=recipes.RECIPES, required=True)
-    group = parser.add_argument_group("tokenizer (Megatron-LM sources only; default: the "
-                                      "checkpoint's Megatron-LM args)")
-    tokenizers.add_tokenizer_args(group)
-    group.add_argument("--vocab-size", type=int, default=None,
-                       help="NullTokenizer: its number of ids")
+    gpt_source.add_tokenizer_args(parser, "tokenizer (Megatron-LM sources only; default: the "
+                                          "checkpoint's Megatron-LM args)")
     arguments.add_trust_arg(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true")
@@ -74,7 +71,7 @@ def run(options: argparse.Namespace) -> Path:
         raise ConvertError("--stag-num-sections is required", "pass the number of sections p")
     ckpt = source.locate(options.load)
     check_out(options.out, options.overwrite, ckpt.sources())
-    flags = {name: getattr(options, name) for name in gpt_source.TOKENIZER_ARGS}
+    flags = gpt_source.tokenizer_flags(options)
     with tempfile.TemporaryDirectory(prefix="stag-from-gpt-") as scratch:
         gpt = gpt_source.read_gpt(ckpt, flags, Path(scratch), not options.no_progress,
                                   trust_code=options.trust_checkpoint_code)

@@ -185,6 +185,20 @@ def args_from_megatron_lm(margs, vocab_size: int, where=None) -> argparse.Namesp
 TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
 
 
+def add_tokenizer_args(parser, title: str) -> None:
+    """The --tokenizer-* flags (and --vocab-size) of a converter reading Megatron-LM
+    checkpoints, in a group named `title`."""
+    group = parser.add_argument_group(title)
+    tokenizers.add_tokenizer_args(group)
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="NullTokenizer: its number of ids")
+
+
+def tokenizer_flags(options) -> dict:
+    """The TOKENIZER_ARGS values of parsed converter options (None when absent)."""
+    return {name: getattr(options, name, None) for name in TOKENIZER_ARGS}
+
+
 def _tokenizer(flags: dict, margs, ckpt: source.Checkpoint, scratch: Path):
     """The tokenizer whose ids the Megatron-LM GPT was trained on, built into `scratch`: the
     --tokenizer-* flags, each absent one taken from the checkpoint's Megatron-LM args (the

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from stag_plugin.compat.pickles import checkpoint_reads
-from stag_plugin.convert import source
+from stag_plugin.convert import gpt_source, source
 from stag_plugin.convert.common import ConvertError, check_out, say
 from stag_plugin.reference import name_map
 from stag_plugin.training import arguments, checkpointing, runtime
@@ -44,11 +44,8 @@ def build_parser(prog: str = "stag convert to-inference") -> argparse.ArgumentPa
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32",
                         help="dtype of the stored weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    group = parser.add_argument_group("tokenizer (checkpoints written by Megatron-LM only; "
-                                      "default: the checkpoint's Megatron-LM args)")
-    tokenizers.add_tokenizer_args(group)
-    group.add_argument("--vocab-size", type=int, default=None,
-                       help="NullTokenizer: its number of ids")
+    gpt_source.add_tokenizer_args(parser, "tokenizer (checkpoints written by Megatron-LM only; "
+                                          "default: the checkpoint's Megatron-LM args)")
     arguments.add_trust_arg(parser)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -88,9 +85,7 @@ def read_run(ckpt: source.Checkpoint, options: argparse.Namespace, scratch: Path
     """(flags, run record, tokenizer) of a checkpoint: its stag_run.json and saved tokenizer
     (stag train), or the args in its common state and the tokenizer they or the --tokenizer-*
     flags name (Megatron-LM, e.g. examples/megatron_lm/pretrain_stag.py)."""
-    from stag_plugin.convert import gpt_source
-
-    flags = {name: getattr(options, name, None) for name in gpt_source.TOKENIZER_ARGS}
+    flags = gpt_source.tokenizer_flags(options)
     if not (ckpt.folder / checkpointing.RUN_FILE).is_file():
         return gpt_source.read_megatron_lm_run(ckpt, flags, scratch,
                                                options.trust_checkpoint_code)
