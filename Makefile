@@ -2,8 +2,8 @@
 # environments they need (torch: the CPU build 2.13.0 when no torch is importable; the plugin with
 # its test extras), then run the demo or pytest.
 #
-# `make test` runs ruff (`make lint`), then the whole suite twice, once per supported
-# megatron-core line:
+# `make test` runs ruff (`make lint`), the whole suite twice, once per supported megatron-core
+# line, then the multi-node and Slurm tests once (`make test-cluster`):
 #   .venv        megatron-core 0.16.1 (the newest wheel for Python 3.10 / 3.11)
 #   .venv-mcore  megatron-core $(MCORE_NEW) (releases from 0.17 declare Python >= 3.12; on an older
 #                Python its source distribution is built with --ignore-requires-python, which is
@@ -19,7 +19,7 @@ PY_NEW    := $(VENV_NEW)/bin/python
 STAMP_NEW := $(VENV_NEW)/.stag_installed_$(MCORE_NEW)
 PYTEST    := -m pytest -q tests
 
-.PHONY: install install-mcore-new demo lint test test-mcore-0.16 test-mcore-new \
+.PHONY: install install-mcore-new demo lint test test-mcore-0.16 test-mcore-new test-cluster \
 	test-megatron-lm example clean
 
 $(PY):
@@ -58,13 +58,21 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check stag_plugin tests bench examples
 
-test: lint test-mcore-0.16 test-mcore-new
+test: lint test-mcore-0.16 test-mcore-new test-cluster
 
 test-mcore-0.16: $(STAMP)
 	$(PY) $(PYTEST)
 
 test-mcore-new: $(STAMP_NEW)
 	$(PY_NEW) $(PYTEST)
+
+# Multi-node pretraining on two simulated nodes (network namespaces, needs root) through the
+# shipped launch scripts: torchrun across the nodes, faults (a node killed, a link cut, folders
+# not shared), and a real Slurm cluster (Debian's slurm-wlm, which the tests install with
+# apt-get when it is missing). Heavy, so once (megatron-core 0.16), not per line: about
+# 5 minutes on 2 cores. tests/test_multinode.py skips without STAG_CLUSTER_TESTS=1.
+test-cluster: $(STAMP)
+	STAG_CLUSTER_TESTS=1 $(PY) -m pytest -q tests/test_multinode.py
 
 # The tests against real Megatron-LM checkouts (its pretrain(), optimizer, train_step,
 # save/load, pretrain_gpt.py and the patches), each with the megatron-core of its line:

@@ -1,11 +1,13 @@
-"""The launch scripts in examples/launch/: shell hygiene, and what they would run.
+"""The launch scripts in examples/launch/: shell hygiene, and the commands they build for the
+paper's shapes (which need GPUs to run).
 
 Each script runs with DRY_RUN=1 (Slurm's variables faked, `scontrol` a stub), and the printed
 command is parsed by the real parsers: torchrun's own (`torch.distributed.run.get_args_parser`) for
 the launcher, and `stag train`'s (`stag_plugin.training.train.build_parser`) for the trainer. So
 every flag a script passes must exist, and the parsed values must give the paper's shapes. The
 presets in configs/ are the independent reference for each MODEL's values. No process is launched
-here.
+here: the scripts really run, on one node, on two simulated nodes and through a real Slurm, in
+tests/test_multinode.py (`make test-cluster`).
 """
 
 import os
@@ -44,8 +46,6 @@ LAUNCH_ENV = {
                            "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_GPUS_ON_NODE": "8",
                            "SLURM_CPUS_PER_TASK": "32", "SLURM_SUBMIT_DIR": str(REPO)},
 }
-SRUN_ARGS = ["--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit", "1",
-             "--cpus-per-task", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,10 @@ def fake_bin(tmp_path_factory) -> Path:
 
 
 def run_script(script: str, fake_bin: Path, *args: str, **env: str):
-    """Run one launch script with DRY_RUN=1 in a clean environment (plus `env`)."""
+    """Run one launch script with DRY_RUN=1 in a clean environment (plus `env`), as on a node
+    with 8 GPUs (GPUS_PER_NODE=8 unless `env` says otherwise)."""
     full_env = {"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "HOME": str(fake_bin),
-                "DRY_RUN": "1", **LAUNCH_ENV[script], **env}
+                "DRY_RUN": "1", "GPUS_PER_NODE": "8", **LAUNCH_ENV[script], **env}
     return subprocess.run(["bash", str(LAUNCH / script), *args], env=full_env, cwd=fake_bin,
                           capture_output=True, text=True, timeout=30)
 
@@ -74,11 +75,11 @@ def printed_command(result) -> list:
 
 
 def launched(script: str, argv: list):
-    """(torchrun's parsed arguments, the trainer's argv); checks the srun prefix on the way."""
+    """(torchrun's parsed arguments, the trainer's argv); under Slurm, what follows srun's
+    options (and the shell that marks the rendezvous host) is the torchrun command."""
     if script == "train_slurm.sbatch":
         assert argv[0] == "srun"
-        assert argv[1:1 + len(SRUN_ARGS)] == SRUN_ARGS
-        argv = argv[1 + len(SRUN_ARGS):]
+        argv = argv[argv.index("torchrun"):]
     assert argv[0] == "torchrun"
     launcher = torchrun_parser().parse_args(argv[1:])
     flags = launcher.training_script_args
@@ -245,6 +246,12 @@ def test_inconsistent_sizes_are_refused(env, message, fake_bin):
     assert message in result.stderr
 
 
+def test_loopback_master_addr_on_several_nodes_is_refused(fake_bin):
+    result = run_script("train_multi_node.sh", fake_bin, MASTER_ADDR="127.0.0.1")
+    assert result.returncode != 0 and not result.stdout
+    assert "MASTER_ADDR=127.0.0.1 is a loopback address" in result.stderr
+
+
 @pytest.mark.parametrize("script, unset, message", [
     ("train_multi_node.sh", "NNODES", "set NNODES"),
     ("train_multi_node.sh", "MASTER_ADDR", "set MASTER_ADDR"),
@@ -255,5 +262,99 @@ def test_missing_launcher_variables_are_refused(script, unset, message, fake_bin
     result = subprocess.run(
         ["bash", str(LAUNCH / script)], cwd=fake_bin, capture_output=True, text=True, timeout=30,
         env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "DRY_RUN": "1", **env})
+    assert result.returncode != 0 and not result.stdout
+    assert message in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher settings: torchrun options, rendezvous host, GPUs per node, short runs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_torchrun_command_and_options_are_words(fake_bin):
+    """TORCHRUN may be several words; TORCHRUN_ARGS adds torchrun options after the script's
+    own (so e.g. a --rdzv-conf there replaces the script's)."""
+    result = run_script("train_multi_node.sh", fake_bin, MODEL="tiny", GPUS_PER_NODE="1",
+                        TORCHRUN="python -m torch.distributed.run",
+                        TORCHRUN_ARGS="--local-addr 10.0.0.2 --rdzv-conf is_host=1,read_timeout=9")
+    argv = printed_command(result)
+    assert argv[:3] == ["python", "-m", "torch.distributed.run"]
+    launcher = torchrun_parser().parse_args(argv[3:])
+    assert launcher.local_addr == "10.0.0.2"
+    assert launcher.rdzv_conf == "is_host=1,read_timeout=9"
+    assert launcher.module and launcher.training_script_args[0] == "train"
+
+
+@pytest.mark.parametrize("master, is_host, expected", [
+    ("127.0.0.1", None, "is_host=1"),  # this machine
+    ("node0", None, None),  # not this machine: torchrun's own guess
+    ("node0", "1", "is_host=1"),
+    ("127.0.0.1", "0", "is_host=0"),
+])
+def test_the_rendezvous_host_is_told_so(master, is_host, expected, fake_bin):
+    env = {"MASTER_ADDR": master, "MODEL": "tiny", "GPUS_PER_NODE": "1", "NNODES": "1"}
+    if is_host is not None:
+        env["RDZV_IS_HOST"] = is_host
+    launcher, _ = launched("train_multi_node.sh",
+                           printed_command(run_script("train_multi_node.sh", fake_bin, **env)))
+    assert launcher.rdzv_conf == (expected or "")
+
+
+def test_slurm_marks_the_first_node_as_rendezvous_host(fake_bin):
+    """Under Slurm the task on node 0 (MASTER_ADDR) gets PET_RDZV_CONF=is_host=1 (torchrun's
+    environment form of --rdzv-conf), unless MASTER_ADDR is given; MAX_RESTARTS reaches
+    torchrun; `--kill-on-bad-exit=1` is one word (srun's value is optional)."""
+    argv = printed_command(run_script("train_slurm.sbatch", fake_bin, MODEL="tiny",
+                                      GPUS_PER_NODE="1", MAX_RESTARTS="3"))
+    shell = argv[argv.index("bash"):argv.index("torchrun")]
+    assert shell[:2] == ["bash", "-c"] and "PET_RDZV_CONF=is_host=1" in shell[2]
+    assert 'SLURM_NODEID == 0' in shell[2]
+    assert "--kill-on-bad-exit=1" in argv[:argv.index("bash")]
+    launcher, _ = launched("train_slurm.sbatch", argv)
+    assert launcher.max_restarts == 3
+    given = printed_command(run_script("train_slurm.sbatch", fake_bin, MODEL="tiny",
+                                       GPUS_PER_NODE="1", MASTER_ADDR="gpu08"))
+    assert "bash" not in given and "gpu08:29500" in given
+
+
+@pytest.mark.parametrize("visible, expected", [("", "1"), ("0,1,2", "3"), ("-1", "1")])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpus_per_node_default_counts_this_node(script, visible, expected, fake_bin):
+    """One process per visible GPU; without GPUs one gloo process (not 8), said on stderr."""
+    env = {"MODEL": "tiny", "CUDA_VISIBLE_DEVICES": visible, "MICRO_BATCH_SIZE": "1",
+           "GLOBAL_BATCH_SIZE": "48"}
+    if script == "train_slurm.sbatch":
+        env["SLURM_GPUS_ON_NODE"] = ""  # no GPUs in the allocation
+    result = subprocess.run(
+        ["bash", str(LAUNCH / script)], cwd=fake_bin, capture_output=True, text=True,
+        timeout=30, env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "DRY_RUN": "1",
+                         "HOME": str(fake_bin),
+                         **{k: v for k, v in LAUNCH_ENV[script].items()
+                            if k != "SLURM_GPUS_ON_NODE"}, **env})
+    launcher, _ = launched(script, printed_command(result))
+    assert launcher.nproc_per_node == expected
+    assert ("no GPU on" in result.stderr) == (expected == "1")
+
+
+@pytest.mark.parametrize("iters, warmup, expected", [
+    ("5", None, 0), ("50", None, 5), ("1000", None, 10), ("5", "2", 2)])
+def test_short_runs_get_a_shorter_warmup(iters, warmup, expected, fake_bin):
+    env = {"MODEL": "tiny", "GPUS_PER_NODE": "2", "TRAIN_ITERS": iters}
+    if warmup is not None:
+        env["LR_WARMUP_ITERS"] = warmup
+    _, argv = launched("train_single_node.sh", printed_command(
+        run_script("train_single_node.sh", fake_bin, **env)))
+    args = trainer_args(argv)  # the trainer takes it: warm-up shorter than the run
+    assert (args.train_iters, args.lr_warmup_iters) == (int(iters), expected)
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(LR_WARMUP_ITERS="5", TRAIN_ITERS="5"), "LR_WARMUP_ITERS=5 must be less than"),
+    (dict(HEARTBEAT_TIMEOUT="soon"), "HEARTBEAT_TIMEOUT=soon must be a number of seconds"),
+    (dict(TORCHRUN=" "), "TORCHRUN is empty"),
+])
+def test_bad_launcher_settings_are_refused(env, message, fake_bin):
+    result = run_script("train_single_node.sh", fake_bin, MODEL="tiny", GPUS_PER_NODE="1",
+                        **env)
     assert result.returncode != 0 and not result.stdout
     assert message in result.stderr

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from megatron_lm_cpu import install_override_shim
 
 from stag_plugin import StagFormerConfig, StagGPTModel
 from stag_plugin.compat.megatron import megatron_lm_pretrain_api
 from stag_plugin.integrations import megatron_lm
 from stag_plugin.integrations.megatron_lm import entry
 from stag_plugin.training.arguments import STAG_FLAGS, add_stag_args
+
+from megatron_lm_cpu import install_override_shim
 
 CHECKOUT = os.environ.get("MEGATRON_LM_PATH")
 install_override_shim()  # Megatron-LM 0.19's files on Python 3.11 (test-only)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from megatron_lm_cpu import REPO, grad_norms, launch, losses, validation_loss
 
 from stag_plugin import cli, generate
+
+from megatron_lm_cpu import REPO, grad_norms, launch, losses, validation_loss
 
 CHECKOUT = os.environ.get("MEGATRON_LM_PATH")
 ENTRY = REPO / "examples" / "megatron_lm" / "pretrain_stag.py"

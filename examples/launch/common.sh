@@ -21,6 +21,8 @@
 #   MICRO_BATCH_SIZE   --micro-batch-size [4]
 #   GLOBAL_BATCH_SIZE  --global-batch-size [1024; tiny: 8]; a multiple of MICRO_BATCH_SIZE x DP
 #   TRAIN_ITERS     --train-iters [250000; tiny: 100]
+#   LR_WARMUP_ITERS --lr-warmup-iters [2000; tiny: 10; at most a tenth of TRAIN_ITERS, so short
+#                   runs work]
 #   DATA_PATH       --data-path, one or more space-separated files/folders [unset: the trainer's
 #                   default corpus, the Python standard library]
 #   VOCAB_SIZE      --vocab-size [unset: the trainer's default; tiny: 4096]
@@ -33,15 +35,29 @@
 #   BF16            1: --bf16 [1; tiny: 0]
 #   DISTRIBUTED_OPTIMIZER  1: --use-distributed-optimizer [1; tiny: 0]
 #   SEQUENCE_PARALLEL      1: --sequence-parallel [1 when TP > 1, else 0]
-#   DISTRIBUTED_TIMEOUT_MINUTES  --distributed-timeout-minutes [30]
+#   DISTRIBUTED_TIMEOUT_MINUTES  --distributed-timeout-minutes [30]: how long a collective may
+#                   wait (a slow checkpoint save, a rank that froze)
+#   HEARTBEAT_TIMEOUT  seconds a rank may go without a heartbeat before `stag train` ends the job
+#                   naming it and its node [60; 0: no watchdog]; exported as
+#                   STAG_HEARTBEAT_TIMEOUT. Heartbeats come from a thread, so long steps, saves
+#                   and data preparation do not count as silence
 #   ENTRY           the trainer, as the words that follow `python` [-m stag_plugin train]; e.g.
 #                   ENTRY=examples/megatron_lm/pretrain_stag.py for the Megatron-LM entry (it may
 #                   need its own data/tokenizer flags: pass them as extra arguments)
-#   TORCHRUN        the torchrun command [torchrun]
+#   TORCHRUN        the torchrun command, split into words [torchrun]; e.g.
+#                   TORCHRUN="python -m torch.distributed.run"
+#   TORCHRUN_ARGS   more torchrun options, split into words, after the script's own (so they
+#                   win) [none]; e.g. TORCHRUN_ARGS="--local-addr 10.0.0.2" or
+#                   TORCHRUN_ARGS="--rdzv-conf is_host=1,read_timeout=120"
 #   DRY_RUN         1: print the command, one flag (and its value) per line, instead of running it
 #   REPO_DIR        the repository root; the command runs there, so relative paths are relative
 #                   to it [the folder two levels above this file]
 #   CUDA_DEVICE_MAX_CONNECTIONS  exported to the trainer [1, as Megatron-LM's examples do]
+#
+# On several nodes the trainer checks before it starts that every node sees rank 0's SAVE_DIR
+# (each rank writes its part of every checkpoint there) and either rank 0's data cache
+# (--data-cache-dir, default $STAG_CACHE/data) or an identical prepared copy (rank 0 alone
+# prepares the data): a node that does not fails the job at once, named in the message.
 #
 # Arguments given to a launch script are appended to the trainer's flags; a flag given twice takes
 # the last value, so e.g. `train_single_node.sh --lr 1e-4` overrides the default learning rate.
@@ -55,7 +71,12 @@ REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 MODEL=${MODEL:-stag2x18-separate}
 DRY_RUN=${DRY_RUN:-0}
 TORCHRUN=${TORCHRUN:-torchrun}
+TORCHRUN_ARGS=${TORCHRUN_ARGS:-}
 ENTRY=${ENTRY:--m stag_plugin train}
+read -ra TORCHRUN_CMD <<<"$TORCHRUN"
+# shellcheck disable=SC2034  # TORCHRUN_CMD and TORCHRUN_EXTRA are read by the launch scripts
+read -ra TORCHRUN_EXTRA <<<"$TORCHRUN_ARGS"
+((${#TORCHRUN_CMD[@]})) || die "TORCHRUN is empty"
 
 # model_args: MODEL_ARGS (shapes, --stag-* flags, schedule) and the per-model defaults. Every
 # value differing from Megatron-LM's default is passed, as the presets in configs/ set it.
@@ -70,8 +91,9 @@ model_args() {
         --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 7168 --swiglu
         --normalization RMSNorm --disable-bias-linear
         --seq-length 1024 --max-position-embeddings 1024
-        --lr 3.0e-4 --min-lr 3.0e-5 --lr-warmup-iters 2000 --clip-grad 1.0
+        --lr 3.0e-4 --min-lr 3.0e-5 --clip-grad 1.0
     )
+    DEFAULT_WARMUP=2000
     case "$MODEL" in
         gpt18)
             MODEL_ARGS=(--num-layers 18 --stag-num-sections 1 --stag-weight-sharing separate
@@ -90,7 +112,8 @@ model_args() {
                         "${common[@]}"
                         --hidden-size 128 --num-attention-heads 4 --seq-length 128
                         --max-position-embeddings 128
-                        --lr 3.0e-3 --min-lr 3.0e-4 --lr-warmup-iters 10)
+                        --lr 3.0e-3 --min-lr 3.0e-4)
+            DEFAULT_WARMUP=10
             DEFAULT_PP=1 ;;
         *)
             die "MODEL='$MODEL' is not one of: gpt18 stag2x18-separate stag2x18-shared tiny" ;;
@@ -111,6 +134,12 @@ set_defaults() {
     MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}
     GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$(pick 8 1024)}
     TRAIN_ITERS=${TRAIN_ITERS:-$(pick 100 250000)}
+    require_positive_int TRAIN_ITERS "$TRAIN_ITERS"
+    LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-$((DEFAULT_WARMUP < TRAIN_ITERS / 10 ? DEFAULT_WARMUP
+                                                                         : TRAIN_ITERS / 10))}
+    [[ $LR_WARMUP_ITERS =~ ^[0-9]+$ ]] || die "LR_WARMUP_ITERS=$LR_WARMUP_ITERS must be a number"
+    ((LR_WARMUP_ITERS < TRAIN_ITERS)) ||
+        die "LR_WARMUP_ITERS=$LR_WARMUP_ITERS must be less than TRAIN_ITERS=$TRAIN_ITERS"
     VOCAB_SIZE=${VOCAB_SIZE:-$(pick 4096 "")}
     SAVE_DIR=${SAVE_DIR:-runs/$MODEL}
     LOAD_DIR=${LOAD_DIR:-$SAVE_DIR}
@@ -122,6 +151,10 @@ set_defaults() {
     DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-$(pick 0 1)}
     SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-$( ((TP > 1)) && echo 1 || echo 0)}
     DISTRIBUTED_TIMEOUT_MINUTES=${DISTRIBUTED_TIMEOUT_MINUTES:-30}
+    HEARTBEAT_TIMEOUT=${HEARTBEAT_TIMEOUT:-60}
+    [[ $HEARTBEAT_TIMEOUT =~ ^[0-9]+([.][0-9]*)?$ ]] ||
+        die "HEARTBEAT_TIMEOUT=$HEARTBEAT_TIMEOUT must be a number of seconds (0: no watchdog)"
+    export STAG_HEARTBEAT_TIMEOUT=$HEARTBEAT_TIMEOUT
 }
 
 require_positive_int() {  # name value
@@ -162,7 +195,7 @@ build_train_args() {
         "${MODEL_ARGS[@]}"
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
         --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
-        --train-iters "$TRAIN_ITERS"
+        --train-iters "$TRAIN_ITERS" --lr-warmup-iters "$LR_WARMUP_ITERS"
         --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
         --save "$SAVE_DIR" --load "$LOAD_DIR" --save-interval "$SAVE_INTERVAL"
         --distributed-timeout-minutes "$DISTRIBUTED_TIMEOUT_MINUTES"
@@ -179,6 +212,52 @@ build_train_args() {
     # shellcheck disable=SC2034  # ENTRY_ARGS is read by the launch scripts
     read -ra ENTRY_ARGS <<<"$ENTRY"
     return 0
+}
+
+# count_gpus: the GPUs this node shows (CUDA_VISIBLE_DEVICES when set, else nvidia-smi), or 0.
+count_gpus() {
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+        local ids
+        IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
+        [[ ${ids[0]:-} == -1 || ${ids[0]:-} == NoDevFiles ]] && ids=()
+        echo "${#ids[@]}"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
+# default_gpus_per_node: one process per GPU of this node; 1 (a gloo process) without GPUs.
+default_gpus_per_node() {
+    local gpus
+    gpus=$(count_gpus)
+    if ((gpus > 0)); then
+        echo "$gpus"
+    else
+        echo "# no GPU on $(hostname): GPUS_PER_NODE=1 (one gloo process per node; set" \
+             "GPUS_PER_NODE for more)" >&2
+        echo 1
+    fi
+}
+
+# is_this_host ADDRESS: whether ADDRESS (a name or an IP) is this machine.
+is_this_host() {
+    local address=$1 name mine resolved
+    [[ $address == localhost || $address == 127.* || $address == ::1 ]] && return 0
+    for name in "$(hostname)" "$(hostname -s 2>/dev/null)" "$(hostname -f 2>/dev/null)"; do
+        [[ -n $name && $address == "$name" ]] && return 0
+    done
+    if command -v ip >/dev/null 2>&1; then
+        mine=$(ip -o addr show 2>/dev/null | awk '{sub(/\/.*/, "", $4); print $4}')
+    else
+        mine=$(hostname -I 2>/dev/null | tr ' ' '\n')
+    fi
+    resolved=$(getent ahosts "$address" 2>/dev/null | awk '{print $1}' | sort -u)
+    for name in $resolved; do
+        grep -qxF "$name" <<<"$mine" && return 0
+    done
+    return 1
 }
 
 # print_command ARGS...: shell-quoted, a flag and its value per line, with `\` continuations.

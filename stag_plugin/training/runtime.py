@@ -65,6 +65,9 @@ def setup_distributed(tensor_parallel: int, pipeline_parallel: int = 1,
             initialize_single_process(tensor_parallel)
             return
         backend = backend if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():  # one GPU per process: torchrun's LOCAL_RANK
+            local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+            torch.cuda.set_device(local % torch.cuda.device_count())
         torch.distributed.init_process_group(backend=backend,
                                              timeout=timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():

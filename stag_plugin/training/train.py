@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
@@ -84,25 +86,50 @@ def main(argv) -> int:
 
 def train(args: argparse.Namespace) -> TrainResult:
     """Run (or resume) one training job as `args` describe; returns its results. SIGINT and
-    SIGTERM stop it (errors.Stopped, saying what was kept); a rank that stops answering ends
-    it with a StagError naming that rank."""
+    SIGTERM stop it (errors.Stopped, saying what was kept); a rank or node that stops
+    answering ends it with a StagError naming it (liveness.Watchdog)."""
     with liveness.stop_signals() as stop:
-        run = setup(args)
-        beats = liveness.Heartbeats() if _world_size() > 1 else None
+        run, watch = None, []
+
+        def watch_the_job():  # once the world exists, before anything long
+            if _world_size() > 1:
+                try:
+                    watch.append(liveness.Watchdog(kept=lambda: _kept(args)))
+                except StagError as err:  # (a bad STAG_HEARTBEAT_TIMEOUT: said once)
+                    raise liveness.quiet_ranks_error(err) from None
+
+        def step_done():
+            if watch:
+                watch[0].phase = f"iteration {run.iteration}"
+            stop.check()
+
         try:
-            return train_loop(run, stop.check)
-        except Stopped as stop:
-            raise Stopped(stop.signum, f"stopped at iteration {run.iteration}; "
-                                       f"{_kept(args)}") from None
-        except RuntimeError as err:  # a collective failed: name the ranks that went quiet
-            quiet = beats.silent() if beats is not None else []
-            if not quiet:
+            run = setup(args, on_start=watch_the_job)
+            result = train_loop(run, step_done)
+            if watch:
+                watch[0].finish()
+            return result
+        except Stopped as stopped:
+            if run is None:
                 raise
-            raise _quiet_ranks(args, run, quiet) from err
+            raise Stopped(stopped.signum, f"stopped at iteration {run.iteration}; "
+                                          f"{_kept(args)}") from None
+        except Exception as err:
+            if not watch:
+                raise
+            if isinstance(err, StagError):  # this rank's own error: the others end quietly
+                if getattr(err, "report", True):
+                    watch[0].fail(err)
+                raise
+            lost = watch[0].explain(err)  # a failed collective: which ranks are gone?
+            if lost is None:
+                raise
+            raise lost from err
         finally:
-            run.log.close()
-            if beats is not None:
-                beats.stop()
+            if run is not None:
+                run.log.close()
+            if watch:
+                watch[0].stop()
 
 
 def _kept(args) -> str:
@@ -113,31 +140,77 @@ def _kept(args) -> str:
     return f"kept: {folder} (resume with --load {args.save})"
 
 
-def _quiet_ranks(args, run: Run, quiet: list) -> StagError:
-    error = StagError(f"rank{'s' if len(quiet) > 1 else ''} {', '.join(map(str, quiet))} "
-                      f"stopped answering (no heartbeat for over "
-                      f"{5 * liveness.HEARTBEAT_SECONDS:.0f} s) at iteration {run.iteration}; "
-                      f"the job ends. {_kept(args)}",
-                      "check the process and node of that rank, then resume with --load")
-    reporter = min(set(range(_world_size())) - set(quiet))
-    error.report = torch.distributed.get_rank() == reporter  # one line for the whole job
-    return error
-
-
-def _wait_for_rank0(key: str) -> None:
-    """Rank 0 announces `key` in the job's store; the other ranks wait for it without the
-    collective timeout (rank 0's data preparation may take longer than that)."""
+def _from_rank0(key: str, value: str = "1", timeout: Optional[timedelta] = None) -> str:
+    """Rank 0 publishes `value` under `key` in the job's store; the other ranks wait for it
+    (by default without the collective timeout: rank 0's data preparation may take longer)
+    and return it."""
     if _world_size() == 1:
-        return
-    from datetime import timedelta
-
+        return value
     from torch.distributed import distributed_c10d
 
     store = distributed_c10d._get_default_store()
+    key = f"{key}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restart starts anew
     if torch.distributed.get_rank() == 0:
-        store.set(key, "1")
-    else:
-        store.wait([key], timedelta(days=1))
+        store.set(key, value)
+        return value
+    store.wait([key], timeout or timedelta(days=1))
+    return store.get(key).decode()
+
+
+def check_shared_folders(args) -> None:
+    """With several ranks, before the data is prepared: every node must see rank 0's --save
+    folder (each rank writes its part of every checkpoint there, rank 0 the metadata), and
+    rank 0's --data-cache-dir or a prepared copy of it (rank 0 alone prepares the data).
+    Rank 0 writes a file with a fresh name into each; a node that cannot read it does not
+    share the folder. One error names the nodes, on every rank."""
+    if _world_size() == 1:
+        return
+    import socket
+    import uuid
+
+    timeout = timedelta(minutes=args.distributed_timeout_minutes)
+    folders = {"save": args.save, "cache": args.data_cache_dir}
+    folders = {k: Path(v) for k, v in folders.items() if v is not None}
+    name = f".stag-node-check-{uuid.uuid4().hex}"
+    if torch.distributed.get_rank() == 0:
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(name)
+    name, host0 = json.loads(_from_rank0(
+        "stag_node_check", json.dumps([name, socket.gethostname()]), timeout))
+    problems = []
+    if "save" in folders and not _holds(folders["save"] / name, name):
+        problems.append(f"does not see rank 0's --save folder {folders['save']}")
+    cache = folders.get("cache")
+    if cache is not None and not _holds(cache / name, name) and \
+            not (cache / "manifest.json").is_file() and not _uses_tokenizer_folder(args):
+        problems.append(f"holds no prepared data in --data-cache-dir {cache} (no "
+                        "manifest.json), and it is not the folder rank 0 prepares the data in")
+    bad = liveness.agree("node_check", " and ".join(problems) or None, timeout)
+    if torch.distributed.get_rank() == 0:
+        for folder in folders.values():
+            (folder / name).unlink(missing_ok=True)
+    if bad:
+        raise liveness.quiet_ranks_error(StagError(
+            f"the nodes do not share the job's folders with rank 0 (on {host0}): "
+            f"{liveness.by_node(bad)}",
+            "put --save (SAVE_DIR) on a file system every node mounts at the same path; the "
+            "same for --data-cache-dir (STAG_CACHE), or copy rank 0's prepared data folder to "
+            "that path on every node before starting"))
+
+
+def _holds(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
+
+
+def _uses_tokenizer_folder(args) -> bool:
+    """Megatron-LM data (--data-path prefixes, --mock-data): the cache holds the tokenizer only."""
+    from stag_plugin.training.data import uses_megatron_data
+
+    return uses_megatron_data(args.data_path, getattr(args, "mock_data", False))
 
 
 def _world_size() -> int:
@@ -147,14 +220,18 @@ def _world_size() -> int:
 # ---------------------------------------------------------------------------- setup
 
 
-def setup(args: argparse.Namespace) -> Run:
-    """Validate everything that can be wrong before any output is written, then build."""
+def setup(args: argparse.Namespace, on_start=None) -> Run:
+    """Validate everything that can be wrong before any output is written, then build;
+    `on_start()` is called once the distributed world is up."""
     arguments.check_trainable(args)
     config = arguments.config_from_args(args)
     check_save_target(args)
     runtime.start(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                   args.distributed_timeout_minutes, seed=args.seed,
                   backend=args.distributed_backend)
+    if on_start is not None:
+        on_start()
+    check_shared_folders(args)
     data, tokenizer = prepare_tokenized_data(args)
     vocab = arguments.padded_vocab_size(tokenizer.vocab_size, args)
     if args.load is not None:
@@ -189,9 +266,23 @@ def prepare_tokenized_data(args, source=None):
                             valid_fraction=args.valid_fraction,
                             test_fraction=args.test_fraction, json_key=args.json_keys[0],
                             progress=not args.no_progress, tokenizer=source)
-    _wait_for_rank0("stag_data_ready")  # however long preparing takes (no collective timeout)
+    key = _from_rank0("stag_data_key", data.key if _is_logging_rank() else "")  # however long
+    problem = None  # preparing takes (no collective timeout); then every rank checks its copy
     if not _is_logging_rank():
-        data = PreparedData.from_manifest(args.data_cache_dir)
+        try:
+            data = PreparedData.from_manifest(args.data_cache_dir)
+            if data.key != key:
+                problem = (f"its --data-cache-dir {data.output_dir} holds other prepared data "
+                           f"(key {data.key[:12]}, rank 0's {key[:12]})")
+        except StagError as err:
+            problem = f"its --data-cache-dir cannot be read: {err.problem}"
+    bad = liveness.agree("data_key", problem,
+                         timedelta(minutes=args.distributed_timeout_minutes))
+    if bad:
+        raise liveness.quiet_ranks_error(StagError(
+            f"the nodes do not all read the data rank 0 prepared: {liveness.by_node(bad)}",
+            "point --data-cache-dir (STAG_CACHE) at a folder every node shares, or copy rank "
+            "0's prepared folder to that path on every node"))
     return data, tokenizers.load_prepared(data)
 
 
@@ -212,7 +303,14 @@ def prepare_megatron_data(args, source):
     folder = Path(args.data_cache_dir) / f"tokenizer-{source.identity[:16]}"
     if _is_logging_rank():
         tokenizers.materialize(source, folder)
-    _wait_for_rank0("stag_tokenizer_ready")
+    _from_rank0("stag_tokenizer_ready")
+    problem = None if folder.is_dir() else f"does not see the tokenizer folder {folder}"
+    bad = liveness.agree("tokenizer_folder", problem,
+                         timedelta(minutes=args.distributed_timeout_minutes))
+    if bad:
+        raise liveness.quiet_ranks_error(StagError(
+            f"the nodes do not all see the tokenizer rank 0 wrote: {liveness.by_node(bad)}",
+            "point --data-cache-dir (STAG_CACHE) at a folder every node shares"))
     return data, tokenizers.load_folder(folder)
 
 
@@ -239,6 +337,8 @@ def check_resume_data(args, data, tokenizer) -> None:
     token ids; other data (without --finetune) would not continue the run."""
     from stag_plugin.training.data import tokenizers
 
+    if checkpointing.latest_iteration(args.load) is None:
+        return  # nothing to resume yet: a first run whose --load is its own --save folder
     iteration, run = checkpointing.read_run(args.load)
     saved = tokenizers.saved_spec(checkpointing.iteration_dir(args.load, iteration))
     ours = tokenizers.spec_of(tokenizer)
