@@ -1,8 +1,12 @@
 """Hugging Face transformers: an inference folder loads with AutoModelForCausalLM and equals the
-reference model (logits, loss, greedy and sampled generate), with and without stag_plugin.
+reference model (logits, loss, greedy and sampled generate), with and without stag_plugin; the
+KV cache and padding equal the reference's full forward and its cached decoder
+(ReferenceDecoder).
 
 No Megatron: reference models with random weights are written with save_inference_folder. Every
-run draws fresh seeds; each test prints its seed (shown by pytest on failure).
+run draws fresh seeds; each test prints its seed (shown by pytest on failure). Logits are
+compared in fp32; greedy tokens of two different computations (cached against recomputed) in
+fp64, so that no near-tie between two logits can flip an argmax.
 """
 
 import atexit
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 from stag_plugin.convert.hf import AUTO_MAP, REMOTE_CODE_FILES
 from stag_plugin.convert.inference_folder import load_inference_folder, save_inference_folder
+from stag_plugin.reference.decode import ReferenceDecoder
 from stag_plugin.reference.model import ReferenceConfig, StagFormer
 
 # transformers copies remote code into HF_MODULES_CACHE, read once at its import: a private one.
@@ -33,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 if HAVE_TRANSFORMERS:  # installed but broken: an import error, not a skip
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 needs_transformers = pytest.mark.skipif(
     not HAVE_TRANSFORMERS, reason="transformers is not installed (pip install -e '.[hf]')")
 
@@ -56,6 +61,8 @@ VARIANTS = {
 }
 GENERATE_VARIANTS = ["p1_gpt", "p2_separate", "p3_shared_window2_learned",
                      "learned_positions_untied"]
+PADDING_VARIANTS = ["p2_shared", "p3_window1_learned", "p3_shared_window2_learned",
+                    "gqa_rmsnorm_swiglu_nobias", "learned_positions_untied"]
 
 
 def fresh_seed() -> int:
@@ -102,6 +109,31 @@ def reference_greedy(model: StagFormer, ids: torch.Tensor, steps: int) -> torch.
     return ids
 
 
+def returned_cache(output):
+    """The cache of a model output ("cache"; "past_key_values" in older transformers 5)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def input_lengths(model) -> list:
+    """Records the length of input_ids at every forward of `model` (a list that grows)."""
+    lengths = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True)
+    return lengths
+
+
+def left_padded(prompts: list, pad: int = 0):
+    """Prompts [1, s_i] -> (ids [n, max s_i], attention_mask): padding on the left."""
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.shape[1]:] = prompt[0]
+        mask[row, width - prompt.shape[1]:] = 1
+    return ids, mask
+
+
 # ---------------------------------------------------------------------------- the folder's code
 
 
@@ -115,7 +147,6 @@ def test_folder_ships_model_code_identical_to_the_package(tmp_path):
                                       "reference.py"}
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
-    assert config["use_cache"] is False
     for target in AUTO_MAP.values():
         module, cls = target.rsplit(".", 1)
         assert f"\nclass {cls}(" in (folder / f"{module}.py").read_text(), target
@@ -235,26 +266,186 @@ def test_bf16_folder_loads_as_bf16(tmp_path):
     assert generated.shape == (2, 16)
 
 
+# ---------------------------------------------------------------------------- KV cache, padding
+
+
+@needs_transformers
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_forward_matches_reference(tmp_path, variant):
+    """A prompt, then chunks of 1 or more tokens, each through the cache the previous call
+    returned: the logits equal the reference's full forward; the cache holds the self K/V of
+    every section and layer and the memory (null + one entry a token) of sections 2..p."""
+    seed = fresh_seed()
+    reference = random_reference(seed, **VARIANTS[variant])
+    model = load_remote(write_folder(tmp_path / "folder", reference))
+    rng = random.Random(seed)
+    ids = random_ids(seed + 2, 2, BASE["max_sequence_length"], BASE["vocab_size"])
+    cuts = [rng.randint(1, 8)]  # the prompt, then one token (a decode step), then chunks
+    cuts.append(cuts[0] + 1)
+    while cuts[-1] < ids.shape[1]:
+        cuts.append(min(ids.shape[1], cuts[-1] + rng.choice([1, 2, 3, 5])))
+    with torch.no_grad():
+        expected = reference(ids)
+        output = model(ids[:, :cuts[0]], use_cache=True)
+        cache, logits = returned_cache(output), [output.logits]
+        for start, stop in zip(cuts, cuts[1:]):
+            output = model(ids[:, start:stop], cache=cache)
+            assert returned_cache(output) is cache
+            logits.append(output.logits)
+    diff = (torch.cat(logits, dim=1) - expected).abs().max().item()
+    assert diff < 1e-4, f"seed={seed} cuts={cuts}: logits differ by {diff}"
+    cfg = reference.cfg
+    p, per_section = cfg.num_sections, cfg.layers_per_section
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert lengths == [ids.shape[1]] * (p * per_section) \
+        + [ids.shape[1] + 1] * ((p - 1) * per_section), lengths
+    assert cache.layers[0].keys.shape == (2, cfg.num_query_groups, ids.shape[1], cfg.head_dim)
+
+
+@needs_transformers
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_generate_matches_reference_decoder(tmp_path, variant):
+    """generate(use_cache=True): a prefill, then one token a forward; its greedy tokens equal
+    stag_plugin's ReferenceDecoder and a greedy loop over the reference forward."""
+    seed = fresh_seed()
+    reference = random_reference(seed, **VARIANTS[variant]).double()
+    model = load_remote(write_folder(tmp_path / "folder", reference), dtype=torch.float64)
+    ids = random_ids(seed + 2, 2, random.Random(seed).randint(3, 10), BASE["vocab_size"])
+    steps = BASE["max_sequence_length"] - ids.shape[1]
+    lengths = input_lengths(model)
+    output = model.generate(ids, do_sample=False, max_new_tokens=steps, use_cache=True)
+    assert lengths == [ids.shape[1]] + [1] * (steps - 1), lengths
+    decoder = ReferenceDecoder(reference, 2, BASE["max_sequence_length"])
+    assert output[:, ids.shape[1]:].tolist() == decoder.generate(ids, steps), f"seed={seed}"
+    expected = reference_greedy(reference, ids, steps)
+    assert torch.equal(output, expected), f"seed={seed}\n{output}\n{expected}"
+
+
+@needs_transformers
+@pytest.mark.parametrize("variant", PADDING_VARIANTS)
+def test_left_padded_batch_matches_each_prompt_alone(tmp_path, variant):
+    """Prompts of different lengths, left-padded into one batch: each row's logits, and its
+    greedy tokens with and without the cache, are those of its prompt alone, unpadded."""
+    seed = fresh_seed()
+    reference = random_reference(seed, **VARIANTS[variant]).double()
+    model = load_remote(write_folder(tmp_path / "folder", reference), dtype=torch.float64)
+    rng = random.Random(seed)
+    prompts = [random_ids(seed + row, 1, rng.randint(1, 10), BASE["vocab_size"])
+               for row in range(3)]
+    ids, mask = left_padded(prompts, pad=rng.randrange(BASE["vocab_size"]))
+    steps = BASE["max_sequence_length"] - ids.shape[1]
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    cached = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=steps,
+                            use_cache=True)
+    recomputed = model.generate(ids, attention_mask=mask, do_sample=False,
+                                max_new_tokens=steps, use_cache=False)
+    for row, prompt in enumerate(prompts):
+        length = prompt.shape[1]
+        with torch.no_grad():
+            diff = (logits[row, -length:] - reference(prompt)[0]).abs().max().item()
+        assert diff < 1e-10, f"seed={seed} row {row}: logits differ by {diff}"
+        alone = reference_greedy(reference, prompt, steps)[0, length:]
+        assert torch.equal(cached[row, ids.shape[1]:], alone), f"seed={seed} row {row}"
+        assert torch.equal(recomputed[row, ids.shape[1]:], alone), f"seed={seed} row {row}"
+
+
+@needs_transformers
+def test_right_padded_batch_logits_and_loss(tmp_path):
+    """Right padding (labels -100 there): each row's logits are its sequence's alone, and the
+    loss is the mean cross-entropy over the rows' tokens."""
+    seed = fresh_seed()
+    reference = random_reference(seed, **VARIANTS["p3_window1_learned"])
+    model = load_remote(write_folder(tmp_path / "folder", reference))
+    rng = random.Random(seed)
+    rows = [random_ids(seed + row, 1, rng.randint(2, 12), BASE["vocab_size"])[0]
+            for row in range(3)]
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        output = model(ids, attention_mask=mask, labels=labels)
+        alone = [reference(row[None])[0] for row in rows]
+    for i, row in enumerate(rows):
+        diff = (output.logits[i, :len(row)] - alone[i]).abs().max().item()
+        assert diff < 1e-4, f"seed={seed} row {i}: logits differ by {diff}"
+    manual = F.cross_entropy(torch.cat([logits[:-1] for logits in alone]),
+                             torch.cat([row[1:] for row in rows]))
+    assert abs(output.loss.item() - manual.item()) < 1e-4, f"seed={seed}"
+
+
+@needs_transformers
+def test_beam_search_and_sampling_with_the_cache(tmp_path):
+    """Beam search reorders the cache between steps; seeded sampling draws the same tokens with
+    the cache as without (fp64)."""
+    seed = fresh_seed()
+    reference = random_reference(seed, **VARIANTS["p3_shared_window2_learned"]).double()
+    model = load_remote(write_folder(tmp_path / "folder", reference), dtype=torch.float64)
+    ids = random_ids(seed + 2, 2, 5, BASE["vocab_size"])
+    beams = {use_cache: model.generate(ids, do_sample=False, num_beams=3, max_new_tokens=10,
+                                       use_cache=use_cache) for use_cache in (True, False)}
+    assert torch.equal(beams[True], beams[False]), f"seed={seed}\n{beams}"
+    samples = {}
+    for use_cache in (True, False):
+        torch.manual_seed(seed + 3)
+        samples[use_cache] = model.generate(ids, do_sample=True, top_k=0, temperature=3.0,
+                                            max_new_tokens=10, use_cache=use_cache)
+    assert torch.equal(samples[True], samples[False]), f"seed={seed}\n{samples}"
+
+
+@needs_transformers
+def test_use_cache_default_follows_the_config(tmp_path):
+    """A converted folder says "use_cache": true; "use_cache": false recomputes the sequence at
+    each step unless generate is passed use_cache=True; without the entry, generate uses the
+    cache."""
+    seed = fresh_seed()
+    folder = write_folder(tmp_path / "folder", random_reference(seed))
+    ids = random_ids(seed + 2, 1, 4, BASE["vocab_size"])
+    path = folder / "config.json"
+    assert json.loads(path.read_text())["use_cache"] is True  # what a conversion writes
+    for written, default_lengths in ((False, [4, 5, 6]), (None, [4, 1, 1]), (True, [4, 1, 1])):
+        config = json.loads(path.read_text())
+        config.pop("use_cache", None)
+        if written is not None:
+            config["use_cache"] = written
+        path.write_text(json.dumps(config))
+        model = load_remote(folder)
+        lengths = input_lengths(model)
+        default = model.generate(ids, do_sample=False, max_new_tokens=3)
+        assert lengths == default_lengths, (written, lengths)
+        lengths.clear()
+        cached = model.generate(ids, do_sample=False, max_new_tokens=3, use_cache=True)
+        assert lengths == [4, 1, 1] and torch.equal(cached, default), (written, lengths)
+
+
 # ---------------------------------------------------------------------------- what is refused
 
 
 @needs_transformers
-def test_padding_cache_and_embeds_are_refused(tmp_path):
-    model = load_remote(write_folder(tmp_path / "folder", random_reference(fresh_seed())))
+def test_unsupported_inputs_are_refused(tmp_path):
+    reference = random_reference(fresh_seed())
+    model = load_remote(write_folder(tmp_path / "folder", reference))
     ids = random_ids(0, 2, 6, BASE["vocab_size"])
-    left_padded = torch.ones_like(ids)
-    left_padded[0, :2] = 0
-    with pytest.raises(ValueError, match="does not support padding"):
-        model.generate(ids, attention_mask=left_padded, max_new_tokens=2)
-    with pytest.raises(ValueError, match="does not support padding"):
-        model(ids, attention_mask=left_padded.flip(1))  # right padding
-    with pytest.raises(ValueError, match="has no KV cache"):
-        model.generate(ids, use_cache=True, max_new_tokens=2)
     with pytest.raises(ValueError, match="inputs_embeds is not supported"):
         model(inputs_embeds=torch.zeros(2, 6, BASE["hidden_size"]))
-    with pytest.raises(ValueError, match="position_ids is not supported"):
+    with pytest.raises(ValueError, match="other position_ids are not supported"):
         model(ids, position_ids=torch.arange(1, 7)[None])
-    model(ids, position_ids=torch.arange(6)[None])  # the default positions are fine
+    model(ids, position_ids=torch.arange(6)[None])  # the positions the mask gives are fine
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    cache = returned_cache(model(ids[:, :4], use_cache=True))
+    with pytest.raises(ValueError, match=r"attention_mask must be .* = \[2, 6\]"):
+        model(ids[:, 4:], cache=cache, attention_mask=torch.ones(2, 2, dtype=torch.long))
+    p, per_section = reference.cfg.num_sections, reference.cfg.layers_per_section
+    for wrong in (DynamicCache(config=model.config),  # p * L layers, no room for the memory
+                  StaticCache(config=model.config, max_cache_len=8)):
+        with pytest.raises(ValueError, match=f"DynamicCache of {(2 * p - 1) * per_section} "):
+            model.generate(ids, cache=wrong, max_new_tokens=2)
 
 
 @needs_transformers
@@ -333,8 +524,10 @@ CHECK_EXPECTED = """
     with torch.no_grad():
         diff = (model(expected["ids"]).logits - expected["logits"]).abs().max().item()
     assert diff < 1e-5, diff
-    greedy = model.generate(expected["ids"], do_sample=False, max_new_tokens=6)
-    assert torch.equal(greedy, expected["greedy"]), (greedy, expected["greedy"])
+    for use_cache in (False, True):
+        greedy = model.generate(expected["ids"], do_sample=False, max_new_tokens=6,
+                                use_cache=use_cache)
+        assert torch.equal(greedy, expected["greedy"]), (use_cache, greedy, expected["greedy"])
     print("loaded", type(config).__module__, type(model).__module__)
     print("stag_plugin modules:", sorted(m for m in sys.modules if m.startswith("stag_plugin")))
 """

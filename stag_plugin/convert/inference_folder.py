@@ -20,9 +20,9 @@ config.json metadata next to the ReferenceConfig fields:
     "bfloat16" / "float16"), "eos_token_id": the end-of-document id, "source": {...} (the
     checkpoint it was converted from), "tokenizer": the tokenizer's description (type, files,
     ids) and under "transformers" whether the AutoTokenizer files were written and are exact,
-    "auto_map": the transformers classes in the folder's code, "use_cache": false (generate()
-    in transformers recomputes the sequence; docs/huggingface.md). Folders converted before
-    tokenizer types hold `tokenizer.model` and "tokenizer_file" instead.
+    "auto_map": the transformers classes in the folder's code, "use_cache": true
+    (generate() in transformers decodes with the model's KV cache; docs/huggingface.md).
+    Folders converted before tokenizer types hold `tokenizer.model` and "tokenizer_file" instead.
 
 Writing is atomic: everything goes to a temporary sibling folder that is renamed at the end, so
 an interrupted conversion never leaves a half-written folder, and an existing folder is only
@@ -81,7 +81,7 @@ def config_to_json(cfg: ReferenceConfig, dtype: torch.dtype, metadata: dict) -> 
     entries = {"model_type": MODEL_TYPE, "architectures": ["StagFormerForCausalLM"],
                "stag_format_version": FORMAT_VERSION, "torch_dtype": DTYPE_NAMES[dtype],
                "auto_map": dict(AUTO_MAP),
-               "use_cache": False}  # transformers' generate(): no KV cache in the HF model
+               "use_cache": True}  # transformers' generate() decodes with the KV cache
     entries.update(dataclasses.asdict(cfg))
     entries.update(metadata)
     return entries

@@ -7,7 +7,8 @@ stag_plugin outside the fallback below.
 
 The config holds every `ReferenceConfig` field at the top level under the same name (the
 reference dataclass is the one list of fields), plus the folder's metadata (stag_format_version,
-eos_token_id, tokenizer_file, source, ...), which transformers keeps as plain attributes.
+eos_token_id, tokenizer_file, source, ...), which transformers keeps as plain attributes, and
+`use_cache` (default True: `generate()` decodes with the KV cache).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class StagFormerConfig(PretrainedConfig):
         for name, field in REFERENCE_FIELDS.items():
             default = None if field.default is dataclasses.MISSING else field.default
             setattr(self, name, kwargs.pop(name, default))
+        # generate() decodes with the KV cache unless config.json says "use_cache": false
+        kwargs.setdefault("use_cache", True)
         super().__init__(**kwargs)
 
     def to_reference_config(self) -> ReferenceConfig:
