@@ -230,3 +230,41 @@ def test_attention_mask_restricts_cross_attention_too():
     full = model(tokens, positions, attention_mask=mask)
     second = model(tokens[:, 4:], positions[:, :4])
     torch.testing.assert_close(full[:, 4:], second, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_without_mask_is_the_causal_mask():
+    """Mask None (no window, no per-sample mask: the kernel's causal mask, no [s, s] tensor)
+    gives the outputs and gradients of the explicit cross-attention mask; None with fewer
+    queries than slots is the bottom-right causal mask."""
+    from stag_plugin.core.attention import bottom_right_causal_mask, cross_attention_mask
+
+    model = build_model(tiny_config(num_sections=2))
+    assert model._cross_mask(8, torch.device("cpu"), None) is None
+    attention = model.sections[1].layers[0].cross_attention
+    gen = torch.Generator().manual_seed(fresh_seed())
+    hidden, memory = (torch.randn(8, 2, 64, generator=gen, requires_grad=True)
+                      for _ in range(2))
+    masks = (None, cross_attention_mask(8, None, hidden.device))
+    outs, grads = [], []
+    for mask in masks:
+        out, _ = attention(hidden, mask, key_value_states=memory)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (hidden, memory)))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    last = bottom_right_causal_mask(3, 8, hidden.device)
+    torch.testing.assert_close(attention(hidden[5:], None, key_value_states=memory)[0],
+                               attention(hidden[5:], last, key_value_states=memory)[0])
+    assert torch.equal(last[0, 0], torch.arange(8)[None, :] > torch.arange(5, 8)[:, None])
+
+
+@pytest.mark.parametrize("overrides,mask", [(dict(cross_attention_window=2), None),
+                                            (dict(), torch.zeros(1, 1, 8, 8, dtype=torch.bool))])
+def test_cross_mask_tensor_kept_where_not_causal(overrides, mask):
+    from stag_plugin.core.attention import cross_attention_mask
+
+    model = build_model(tiny_config(num_sections=2, **overrides))
+    window = model.config.cross_attention_window
+    got = model._cross_mask(8, torch.device("cpu"), mask)
+    assert torch.equal(got, cross_attention_mask(8, window, torch.device("cpu"), mask))

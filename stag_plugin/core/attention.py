@@ -61,12 +61,21 @@ def cross_attention_mask(
     return masked
 
 
+def bottom_right_causal_mask(queries: int, keys: int, device: torch.device) -> Tensor:
+    """[1, 1, sq, sk], True = masked: the last `queries` of `keys` positions, causal (query i
+    sees keys 0..i + sk - sq)."""
+    i = torch.arange(queries, device=device)[:, None] + (keys - queries)
+    return (torch.arange(keys, device=device)[None, :] > i)[None, None]
+
+
 class SDPAttention(MegatronModule):
     """Core attention on torch.nn.functional.scaled_dot_product_attention (CPU and GPU).
 
     Drop-in for Megatron's DotProductAttention, whose buffers live on the current CUDA device.
     query [sq, b, np, hn], key/value [sk, b, ng, hn] (np / ng query heads per key/value group)
-    -> context [sq, b, np * hn].
+    -> context [sq, b, np * hn]. Masks: the tensor when one is given (True = masked), else the
+    mask type's: `causal` (SDPA's is_causal), `causal_bottom_right` (the queries are the last
+    sq of the sk positions), anything else none.
     """
 
     def __init__(
@@ -106,7 +115,13 @@ class SDPAttention(MegatronModule):
         sq, b, heads, head_dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask_type = attn_mask_type or self.attn_mask_type
+        if attention_mask is None and mask_type == AttnMaskType.causal_bottom_right:
+            if sq == key.shape[0]:
+                mask_type = AttnMaskType.causal
+            else:
+                attention_mask = bottom_right_causal_mask(sq, key.shape[0], query.device)
         sdpa_mask = None if attention_mask is None else ~attention_mask  # True = attend
+        # No tensor: SDPA's own causal mask, whose kernels skip the key blocks it hides.
         is_causal = attention_mask is None and mask_type == AttnMaskType.causal
         dropout_p = self.dropout_p if self.training else 0.0
         with compat.model_parallel_rng() if dropout_p > 0 else contextlib.nullcontext():
@@ -208,10 +223,14 @@ class StagCrossAttention(Attention):
 
     Slots: linear_q (with the pre-cross-attention norm fused in, where the backend fuses norms),
     linear_kv, core_attention, linear_proj. `attn_mask_type` says how the core attention masks:
-    `arbitrary` (the local backend: the mask tensor from StagGPTModel) or `causal` (Transformer
-    Engine: the mask is the kernel's own; the tensor is not passed on).
+    `arbitrary` (the local backend: the mask tensor from StagGPTModel when there is one) or
+    `causal` (Transformer Engine: the mask is the kernel's own; the tensor is not passed on).
+    Mask None means the causal mask over the slots, made by the kernel (query i sees slots
+    0..i; with fewer queries than slots, the last queries): the mask of a model without a
+    window or per-sample self-attention mask, which StagGPTModel then does not build.
 
-    forward(hidden [sq, b, h], mask [*, 1, sq, sk], memory [sk, b, h]) -> (out [sq, b, h], bias)
+    forward(hidden [sq, b, h], mask [*, 1, sq, sk] or None, memory [sk, b, h])
+        -> (out [sq, b, h], bias)
     """
 
     def __init__(
@@ -258,7 +277,9 @@ class StagCrossAttention(Attention):
         mixed = mixed.view(*mixed.shape[:-1], self.groups_per_partition,
                            2 * self.hidden_size_per_attention_head)
         key, value = torch.chunk(mixed, 2, dim=-1)  # per group: [k | v]
-        return self._rope(key.contiguous(), first_slot), value.contiguous()
+        # (RoPE writes a new contiguous tensor; without it the view is copied)
+        key = key.contiguous() if self.rotary is None else self._rope(key, first_slot)
+        return key, value.contiguous()
 
     def _rope(self, t: Tensor, first_position: int) -> Tensor:
         if self.rotary is None:
@@ -290,10 +311,12 @@ class StagCrossAttention(Attention):
         query, key, value = self.get_query_key_value_tensors(hidden_states, key_value_states)
         if self.attn_mask_type == AttnMaskType.causal:
             attention_mask = None
+        mask_type = (self.attn_mask_type if attention_mask is not None
+                     else cross_mask_type(query.shape[0], key.shape[0]))
         if self.checkpoint_core_attention and self.training:
             context = self._checkpointed_attention_forward(query, key, value, attention_mask,
-                                                           attn_mask_type=self.attn_mask_type)
+                                                           attn_mask_type=mask_type)
         else:
             context = self.core_attention(query, key, value, attention_mask,
-                                          attn_mask_type=self.attn_mask_type)
+                                          attn_mask_type=mask_type)
         return self.linear_proj(context)  # (output [sq, b, h], bias)

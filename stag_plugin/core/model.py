@@ -193,8 +193,7 @@ class StagGPTModel(LanguageModule):
         cross_mask = None
         if any(k > 0 for k in self.stage.sections):
             device = (embedded if embedded is not None else carry["memory"]).device
-            cross_mask = cross_attention_mask(seq_len, self.config.cross_attention_window,
-                                              device, attention_mask)
+            cross_mask = self._cross_mask(seq_len, device, attention_mask)
         for seg, block in zip(self.stage.segments, self.sections):
             later = seg.section > 0
             out = block(
@@ -205,6 +204,16 @@ class StagGPTModel(LanguageModule):
             )
             carry = self._advance(carry, seg, out)
         return carry
+
+    def _cross_mask(self, seq_len: int, device: torch.device,
+                    attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+        """The cross-attention mask [*, 1, s, s] (True = masked), or None where it is the
+        causal one (no window, no per-sample self-attention mask): the attention kernel then
+        masks by itself and skips the hidden blocks, which a mask tensor would make it compute."""
+        if self.config.cross_attention_window is None and attention_mask is None:
+            return None
+        return cross_attention_mask(seq_len, self.config.cross_attention_window, device,
+                                    attention_mask)
 
     def _advance(self, carry: Dict[str, Tensor], seg: Segment, out: Tensor):
         if not seg.ends_section:
