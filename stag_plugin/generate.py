@@ -7,13 +7,22 @@
   - an inference folder (`stag convert to-inference --out`): loaded into the plain-PyTorch
     reference model and decoded with stag_plugin.reference.decode.ReferenceDecoder (no Megatron
     model is built).
+Either runs on the GPU when there is one (Megatron builds the checkpoint's model there; an
+inference folder is loaded there), else on the CPU.
 The prompt is tokenized with the tokenizer saved next to the weights (any --tokenizer-type; a
 NullTokenizer's prompt is whitespace-separated ids), so neither the corpus nor the data cache is
 needed. Text is printed as it is produced and a summary line (tokens, prefill
 time, decode speed, cache sizes) goes to stderr.
 
+Decoding options, passed to either engine as `compile=`, `cuda_graph=`, `dtype=`: `--mode
+batched` (every section of a step in one pass; any weights), `--compile` (torch.compile of the
+fixed-shape step), `--cuda-graph` (the step replayed as a CUDA graph; GPU only), `--dtype
+{fp32,bf16}` (default: the weights' dtype). The Megatron engine runs compiled / graph steps in
+modes batched and recurrent only, and refuses them in mode sequential.
+
     stag generate --load runs/tiny --prompt "def fibonacci(n):" --max-new-tokens 64
     stag generate --load models/tiny --prompt "import " --temperature 0.8 --top-p 0.9 --seed 1
+    stag generate --load models/tiny --prompt "import " --mode batched --dtype bf16 --cuda-graph
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from stag_plugin.errors import StagError
 from stag_plugin.reference.sampling import Sampler
 from stag_plugin.training import arguments, checkpointing, runtime
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype
+
 
 class GenerateError(StagError):
     """Bad input to `stag generate`."""
@@ -46,13 +57,18 @@ class LoadedModel:
     tokenizer: object
     root: Path
     max_length: int  # most positions the model was trained for (prompt + tokens fed back)
-    decoder_class: type  # StagDecoder or ReferenceDecoder: (model, batch, length, mode)
+    decoder_class: type  # StagDecoder or ReferenceDecoder: (model, batch, length, mode,
+    #                      compile=, cuda_graph=, dtype=)
     args: Optional[argparse.Namespace] = None  # the training run's flags (checkpoints only)
     iteration: Optional[int] = None
 
     @property
     def modes(self) -> tuple:
         return self.decoder_class.MODES
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 # ---------------------------------------------------------------------------- loading
@@ -75,7 +91,8 @@ def load_inference_folder(root: Path) -> LoadedModel:
     from stag_plugin.convert import inference_folder
     from stag_plugin.reference.decode import ReferenceDecoder
 
-    loaded = inference_folder.load_inference_folder(root)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where Megatron builds checkpoints
+    loaded = inference_folder.load_inference_folder(root, device=device)
     tokenizer = _saved_tokenizer(root, loaded.metadata.get("tokenizer_file",
                                                            inference_folder.TOKENIZER_FILE),
                                  "convert the checkpoint again with `stag convert "
@@ -143,13 +160,16 @@ def generate_text(load: Union[LoadedModel, str, Path], prompt: str, mode: str = 
                   max_new_tokens: int = 64, temperature: float = 0.0,
                   top_k: Optional[int] = None, top_p: Optional[float] = None,
                   seed: Optional[int] = None, stop: Optional[Sequence] = None,
-                  stream: Optional[Callable[[str], None]] = None) -> Generation:
+                  stream: Optional[Callable[[str], None]] = None, compile: bool = False,
+                  cuda_graph: bool = False, dtype: Optional[str] = None) -> Generation:
     """Decode a continuation of `prompt`; `stream(piece)` receives the text as it is produced
-    (the pieces concatenate to the returned text). Bad input raises a StagError."""
+    (the pieces concatenate to the returned text). `compile`, `cuda_graph` and `dtype` (None,
+    or a name of DTYPES) go to the decoder. Bad input raises a StagError."""
     loaded = load if isinstance(load, LoadedModel) else load_model(load)
     if mode not in loaded.modes:
         raise GenerateError(f"--mode {mode!r} is not one of {', '.join(loaded.modes)} for "
                             f"{loaded.root}", "pick one of those")
+    check_decoding(loaded, cuda_graph, dtype)
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens {max_new_tokens} must be >= 1", "raise it")
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -165,9 +185,21 @@ def generate_text(load: Union[LoadedModel, str, Path], prompt: str, mode: str = 
     new_tokens = min(max_new_tokens, limit - len(prompt_ids) + 1)
     decoder = loaded.decoder_class(loaded.model, max_batch_size=1,
                                    max_sequence_length=len(prompt_ids) + new_tokens - 1 or 1,
-                                   mode=mode)
+                                   mode=mode, compile=compile, cuda_graph=cuda_graph,
+                                   dtype=None if dtype is None else DTYPES[dtype])
     return continue_text(decoder, loaded.tokenizer, prompt_ids, new_tokens, sampler, stop_ids,
                          stop_texts, stream)
+
+
+def check_decoding(loaded: LoadedModel, cuda_graph: bool, dtype: Optional[str]) -> None:
+    """Refuse decoding options this model or machine cannot take, naming the flag."""
+    if cuda_graph and loaded.device.type != "cuda":
+        raise GenerateError(f"--cuda-graph captures the decode step as a CUDA graph, and the "
+                            f"model is on {loaded.device} (no GPU here)", "drop --cuda-graph "
+                            "(--compile works on the CPU)")
+    if dtype is not None and dtype not in DTYPES:
+        raise GenerateError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}",
+                            "pick one of those, or leave it out (the weights' dtype)")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -181,9 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="text to continue")
     arguments.add_trust_arg(parser)
     parser.add_argument("--mode", default="sequential", choices=MODES,
-                        help="decode mode; batched / recurrent need shared weights (one "
-                             "section per pipeline rank: stag_plugin.decode.pipeline under "
-                             "torchrun, not this command)")
+                        help="decode mode: sequential, batched (every section of a step in one "
+                             "pass; any weights) or recurrent (shared weights). One section "
+                             "per pipeline rank is stag_plugin.decode.pipeline under torchrun, "
+                             "not this command")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the fixed-shape decode step under torch.compile (checkpoints: "
+                             "modes batched / recurrent)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the decode step as a CUDA graph (GPU only; checkpoints: "
+                             "modes batched / recurrent)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="decode in this dtype (default: the weights' dtype)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
@@ -207,7 +248,8 @@ def main(argv) -> int:
                            max_new_tokens=options.max_new_tokens,
                            temperature=options.temperature, top_k=options.top_k,
                            top_p=options.top_p, seed=options.seed, stop=options.stop,
-                           stream=stream)
+                           stream=stream, compile=options.compile,
+                           cuda_graph=options.cuda_graph, dtype=options.dtype)
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(result.summary(), file=sys.stderr)

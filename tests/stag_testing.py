@@ -109,9 +109,8 @@ def small_corpus(tmp_path_factory, purpose: str) -> Path:
 
 
 def modes_for(variant: dict) -> tuple:
-    """Decode modes a variant supports on one device (batched needs shared weights)."""
-    return ("sequential", "batched") if variant.get("weight_sharing") == "shared" else (
-        "sequential",)
+    """Decode modes every variant supports on one device and holds equal to its forward."""
+    return ("sequential", "batched")
 
 
 def snapshot(folder: Path) -> dict:

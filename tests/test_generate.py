@@ -127,8 +127,12 @@ def test_cli_generate(checkpoint, capsys):
 def test_parser_accepts_every_flag():
     parser = generate.build_parser()
     options = parser.parse_args(["--load", "x", "--prompt", "p", "--mode", "recurrent",
-                                 "--stop", "a", "3"])
+                                 "--stop", "a", "3", "--compile", "--cuda-graph", "--dtype",
+                                 "bf16"])
     assert options.mode == "recurrent" and options.stop == ["a", "3"]
+    assert options.compile and options.cuda_graph and options.dtype == "bf16"
+    defaults = parser.parse_args(["--load", "x", "--prompt", "p"])
+    assert not defaults.compile and not defaults.cuda_graph and defaults.dtype is None
 
 
 def test_stop_token_ends_generation(loaded):
@@ -172,9 +176,39 @@ def test_missing_checkpoint_folder(tmp_path, capsys):
     assert_usage_error(capsys, ["--load", tmp_path / "nope", "--prompt", "x"], "does not exist")
 
 
-def test_batched_mode_needs_shared_weights(checkpoint, capsys):
-    assert_usage_error(capsys, ["--load", checkpoint, "--prompt", PROMPT, "--mode", "batched"],
-                       "shared")
+def test_batched_mode_on_separate_weights_matches_sequential(loaded):
+    sequential = generate.generate_text(loaded, PROMPT, max_new_tokens=NEW_TOKENS)
+    batched = generate.generate_text(loaded, PROMPT, mode="batched", max_new_tokens=NEW_TOKENS)
+    assert batched.token_ids == sequential.token_ids
+
+
+def test_compiled_step_generates_the_same_text(loaded):
+    """--compile (torch.compile of the Megatron engine's fixed-shape step), greedy and sampled."""
+    for options in (dict(), dict(temperature=1.0, seed=5)):
+        eager = generate.generate_text(loaded, PROMPT, max_new_tokens=NEW_TOKENS, **options)
+        compiled = generate.generate_text(loaded, PROMPT, mode="batched", compile=True,
+                                          max_new_tokens=NEW_TOKENS, **options)
+        assert compiled.text == eager.text and compiled.token_ids == eager.token_ids, options
+
+
+def test_bf16_decoding_of_a_checkpoint(checkpoint):
+    model = generate.load_model(checkpoint)  # its own copy: the engine casts it in place
+    fp32 = generate.generate_text(model, PROMPT, max_new_tokens=4)
+    bf16 = generate.generate_text(model, PROMPT, max_new_tokens=4, dtype="bf16")
+    assert bf16.cache_bytes["self"] * 2 == fp32.cache_bytes["self"]
+    assert bf16.token_ids or bf16.stopped == "eod"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a CPU-only machine")
+def test_impossible_decoding_options(checkpoint, capsys):
+    assert_usage_error(capsys, ["--load", checkpoint, "--prompt", PROMPT, "--cuda-graph"],
+                       "--cuda-graph", "no GPU", "drop --cuda-graph")
+    # the Megatron engine compiles the step of modes batched / recurrent only
+    assert_usage_error(capsys, ["--load", checkpoint, "--prompt", PROMPT, "--compile"],
+                       "compile", "mode='batched'")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--load", str(checkpoint), "--prompt", PROMPT, "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
 
 
 def test_prompt_longer_than_the_model(checkpoint, capsys):
@@ -200,7 +234,7 @@ def test_inference_folder_generates_what_the_checkpoint_generates(
     from_checkpoint = generate.load_model(source)
     from_folder = generate.load_model(_to_inference(source, tmp_path / "folder"))
     assert type(from_folder.model).__name__ == "StagFormer"  # the reference model
-    modes = ["sequential"] + (["batched", "recurrent"] if sharing == "shared" else [])
+    modes = ["sequential", "batched"] + (["recurrent"] if sharing == "shared" else [])
     for mode in modes:
         for options in (dict(), dict(temperature=1.0, seed=3)):
             want = generate.generate_text(from_checkpoint, PROMPT, mode=mode,
@@ -231,6 +265,30 @@ def test_cli_generate_from_an_inference_folder(checkpoint, tmp_path, capsys):
     (folder / "tokenizer.model").write_bytes(model)
     assert cli.main(["generate", "--load", str(folder), "--prompt", PROMPT,
                      "--max-new-tokens", "3"]) == 0
+
+
+def test_inference_folder_compiled_and_bf16(checkpoint, tmp_path, capsys):
+    """`stag generate --compile` prints the text the eager step prints (ReferenceDecoder, any
+    mode); --dtype bf16 decodes an fp32 folder with bf16 caches."""
+    folder = _to_inference(checkpoint, tmp_path / "folder")
+
+    def text(*flags):
+        capsys.readouterr()
+        code = cli.main(["generate", "--load", str(folder), "--prompt", PROMPT,
+                         "--max-new-tokens", str(NEW_TOKENS), *flags])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return captured.out
+
+    for sampling in ([], ["--temperature", "1", "--seed", "3"]):  # sampled: a varied text
+        eager = text("--mode", "batched", *sampling)
+        assert text("--mode", "batched", "--compile", *sampling) == eager
+    assert len(set(eager)) > 3, eager
+    loaded = generate.load_model(folder)
+    fp32 = generate.generate_text(loaded, PROMPT, max_new_tokens=4)
+    bf16 = generate.generate_text(loaded, PROMPT, max_new_tokens=4, dtype="bf16")
+    assert bf16.cache_bytes["self"] * 2 == fp32.cache_bytes["self"]
+    assert next(loaded.model.parameters()).dtype == torch.float32  # the folder's model as is
 
 
 def test_checkpoint_without_its_tokenizer(checkpoint, tmp_path, capsys):

@@ -1,6 +1,9 @@
 """StagDecoder (stag_plugin.decode.engine) against the teacher-forced forward of the same model:
 prefill + one step per token must give the logits of `model(tokens, positions)` at every
-position (fp32, max abs difference < 1e-4) for every variant, mode and prompt length."""
+position (fp32, max abs difference < 1e-4) for every variant, prompt length and the modes that
+equal it (sequential on the model's modules, batched on the fused step, for any weight sharing).
+The fused step's own cases (fixed shapes, compile, bf16, Transformer Engine layers, kernel count)
+are in tests/test_fused_decode.py."""
 
 import copy
 import itertools
@@ -17,7 +20,6 @@ from stag_testing import (
     build_model,
     decode_logits,
     fresh_seed,
-    modes_for,
     random_tokens,
     tiny_config,
     variant_id,
@@ -40,7 +42,10 @@ EXTRA = [
     dict(num_sections=2, normalization="RMSNorm", add_bias_linear=False),
     dict(num_sections=2, rotary_percent=0.5, kv_channels=32),
     dict(num_sections=2, qk_layernorm=True, weight_sharing="shared"),
+    dict(num_sections=3, qk_layernorm=True, num_query_groups=2, add_qkv_bias=True,
+         add_bias_linear=False),
 ]
+EXACT_MODES = ("sequential", "batched")  # the modes whose logits equal the forward's
 
 
 @pytest.mark.parametrize("variant", GRID + EXTRA, ids=variant_id)
@@ -50,7 +55,7 @@ def test_decode_matches_teacher_forced_forward(variant):
     tokens, positions = random_tokens(2, LENGTH, seed)
     with torch.no_grad():
         expected = model(tokens, positions)  # [b, s, vocab]
-    for mode, prompt in itertools.product(modes_for(variant), PROMPTS):
+    for mode, prompt in itertools.product(EXACT_MODES, PROMPTS):
         decoder = StagDecoder(model, max_batch_size=2, max_sequence_length=16, mode=mode)
         got = decode_logits(decoder, tokens, prompt)
         diff = (got - expected[:, prompt - 1:]).abs().max().item()
@@ -63,7 +68,7 @@ def test_greedy_tokens_match_teacher_forced_argmax(variant):
     seed = fresh_seed()
     model = build_model(tiny_config(**variant), perturb=0.5, seed=seed % 1000)
     prompt, _ = random_tokens(2, 4, seed)
-    for mode in modes_for(variant):
+    for mode in EXACT_MODES:
         decoder = StagDecoder(model, max_batch_size=2, max_sequence_length=16, mode=mode)
         new = torch.tensor(decoder.generate(prompt, 8, Sampler()))  # [b, 8]
         full = torch.cat([prompt, new], dim=1)
@@ -73,14 +78,21 @@ def test_greedy_tokens_match_teacher_forced_argmax(variant):
         assert torch.equal(new, argmax), f"seed {seed}, mode {mode}"
 
 
-def test_batched_equals_sequential():
+@pytest.mark.parametrize("sharing", ["separate", "shared"])
+def test_batched_equals_sequential_step_by_step(sharing):
+    """The fused batched step against the model's modules run section by section, at every
+    step of the same decoding (both fed the same tokens)."""
     seed = fresh_seed()
-    model = build_model(tiny_config(num_sections=3, weight_sharing="shared",
-                                    output_combination="learned"), seed=seed % 1000)
+    model = build_model(tiny_config(num_sections=3, weight_sharing=sharing, num_query_groups=2,
+                                    cross_attention_window=2, output_combination="learned"),
+                        perturb=0.5, seed=seed % 1000)
     tokens, _ = random_tokens(2, LENGTH, seed)
-    results = [decode_logits(StagDecoder(model, 2, 16, mode=mode), tokens, 3)
-               for mode in ("sequential", "batched")]
-    assert (results[0] - results[1]).abs().max().item() < 1e-5, f"seed {seed}"
+    decoders = [StagDecoder(model, 2, 16, mode=mode) for mode in ("sequential", "batched")]
+    for t in range(3, LENGTH + 1):  # logits at position t - 1
+        logits = [d.prefill(tokens[:, :t]) if t == 3 else d.step(tokens[:, t - 1])
+                  for d in decoders]
+        diff = (logits[0] - logits[1]).abs().max().item()
+        assert diff < 1e-4 * max(1.0, logits[0].abs().max().item()), f"seed {seed}, t {t}"
 
 
 def test_smaller_batch_than_allocated_and_untied_head():
@@ -179,10 +191,17 @@ def _prefilled(decoder, length: int):
 SEPARATE, SHARED_P1 = dict(num_sections=2), dict(num_sections=1, weight_sharing="shared")
 # (model config, what to do with it (m: the model) -> raises, the message it must give)
 ERRORS = [
-    (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="batched"),
-     "weight_sharing='shared'.*Fix: use mode='sequential'"),
     (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="recurrent"),
-     "weight_sharing='shared'.*Fix: use mode='sequential'"),
+     "weight_sharing='shared'.*Fix: use mode='batched' or 'sequential'"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 16, compile=True),
+     "compile runs the fixed-shape fused step.*Fix: use mode='batched'"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="batched", cuda_graph=True),
+     "captures CUDA graphs, and the model is on cpu"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 16, dtype="fp8"), "dtype='fp8' is not one of"),
+    (SEPARATE, lambda m: StagDecoder(m, 2, 16, dtype=torch.int8), "not a floating-point"),
+    (dict(num_sections=2, fp32_residual_connection=True),
+     lambda m: StagDecoder(m, 2, 16, mode="batched"),
+     "fused decode step.*fp32_residual_connection.*Fix: decode with mode='sequential'"),
     (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="parallel"), "not one of"),
     (SEPARATE, lambda m: StagDecoder(m, 2, 16, mode="pipeline"), "Fix: build a PipelineDecoder"),
     (SHARED_P1, lambda m: StagDecoder(m, 2, 16, mode="recurrent"), "num_sections >= 2"),

@@ -4,7 +4,8 @@ vocabulary) equal one-process decoding of the same weights at the prefill and ev
 abs diff below 2e-5 of the largest logit: TP changes the order of the fp32 sums, and the weights are
 perturbed strongly, so logits reach ~20); greedy generation gives the same tokens; a random choice
 (each rank's global RNG seeded differently) is the same on both ranks because it is made on the
-first rank and broadcast."""
+first rank and broadcast. Mode batched runs the fused step (stacked shards of this rank,
+row-parallel outputs all-reduced), also with separate weights and for a plain GPT (p = 1)."""
 
 import torch
 from test_tensor_parallel import TP, partition_dim, shard
@@ -23,10 +24,13 @@ from stag_testing import (
 )
 
 CASES = [  # (config overrides, modes, prompt length)
-    (dict(num_sections=1), ("sequential",), 5),
+    (dict(num_sections=1), ("sequential", "batched"), 5),
     (dict(num_sections=2, weight_sharing="shared", num_query_groups=2, cross_attention_window=2,
           output_combination="learned"), ("batched", "sequential", "recurrent"), 1),
-    (dict(num_sections=2, gated_linear_unit=True, num_query_groups=2), ("sequential",), 4),
+    (dict(num_sections=2, gated_linear_unit=True, num_query_groups=2), ("sequential", "batched"),
+     4),
+    (dict(num_sections=3, cross_attention_window=2, output_combination="learned"), ("batched",),
+     3),
 ]
 LENGTH, GENERATE = 10, (3, 6)  # tokens decoded; (prompt length, new tokens) for generate
 
@@ -75,7 +79,8 @@ def test_tp2_decode_matches_one_process(tmp_path):
         for mode in modes:
             with torch.no_grad():
                 logits, greedy = decode(StagDecoder(model, 2, 16, mode=mode), tokens, prompt)
-                bound = fp32_bound(logits, fp64_decode(model, tokens, prompt, mode))
+                exact = "recurrent" if mode == "recurrent" else "sequential"  # same logits
+                bound = fp32_bound(logits, fp64_decode(model, tokens, prompt, exact))
             expected.append((variant_id(overrides), mode, model.config.num_query_groups,
                              (logits, greedy), bound))
     torch.save(cases, tmp_path / "cases.pt")

@@ -1,13 +1,15 @@
 """ReferenceDecoder (stag_plugin.reference.decode), the Megatron-free decoder of the reference
 StagFormer, held to:
   (a) the reference model's teacher-forced forward (fp32, max abs diff < 1e-4; same greedy
-      tokens) for every variant, mode and prompt length;
+      tokens) for every variant, mode and prompt length, with eager steps and with the
+      fixed-shape step (whole caches under a mask; run eagerly here), and once compiled;
+      batched steps equal to sequential ones, logits and caches, step by step;
   (b) StagDecoder on the same weights (a Megatron StagGPTModel mapped with name_map), step by
       step, in modes sequential, batched and recurrent;
   (c) generate with per-sequence stops, and cross caches sized by the window;
-  (d) clear errors;
-and a bf16 smoke test. Random weights and tokens come from a fresh seed per test (printed on
-failure)."""
+  (d) bf16 decoding (dtype=) within a stated distance of fp32;
+  (e) clear errors.
+Random weights and tokens come from a fresh seed per test (printed on failure)."""
 
 import copy
 import itertools
@@ -24,7 +26,6 @@ from stag_testing import (
     decode_logits,
     fp32_bound,
     fresh_seed,
-    modes_for,
     perturb_parameters,
     random_tokens,
     variant_id,
@@ -66,6 +67,24 @@ def tiny_reference(seed: int, perturb: float = 0.05, **overrides) -> StagFormer:
     return model.eval()
 
 
+FORWARD_MODES = ("sequential", "batched")  # logits = the teacher-forced forward's, any weights
+
+
+def fixed_shape(model: StagFormer, *args, **kwargs) -> ReferenceDecoder:
+    """A decoder built for fixed-shape steps (compile=True: the layout of compile / cuda_graph)
+    whose step runs eagerly instead (torch.compile is lazy: nothing is compiled), and twice per
+    call, as a CUDA graph capture runs it: whole caches under a mask from the position tensor,
+    and a step that must be idempotent."""
+    decoder = ReferenceDecoder(model, *args, compile=True, **kwargs)
+
+    def twice(ids, index):
+        decoder._fixed_step(ids, index)
+        return decoder._fixed_step(ids, index)
+
+    decoder._runner = twice
+    return decoder
+
+
 # ---------------------------------------------------------------------------- (a) forward
 
 
@@ -76,11 +95,73 @@ def test_decode_matches_teacher_forced_forward(variant):
     tokens, _ = random_tokens(2, LENGTH, seed)
     with torch.no_grad():
         expected = model(tokens)  # [b, s, vocab]
-    for mode, prompt in itertools.product(modes_for(variant), PROMPTS):
-        decoder = ReferenceDecoder(model, max_batch_size=2, max_sequence_length=16, mode=mode)
+    for mode, prompt, fixed in itertools.product(FORWARD_MODES, PROMPTS, (False, True)):
+        build = fixed_shape if fixed else ReferenceDecoder
+        decoder = build(model, max_batch_size=2, max_sequence_length=16, mode=mode)
         got = decode_logits(decoder, tokens, prompt)
         diff = (got - expected[:, prompt - 1:]).abs().max().item()
-        assert diff < 1e-4, f"seed {seed}, mode {mode}, prompt {prompt}: max abs diff {diff}"
+        assert diff < 1e-4, (f"seed {seed}, mode {mode}, prompt {prompt}, fixed shape {fixed}: "
+                             f"max abs diff {diff}")
+
+
+STEP_VARIANTS = [
+    dict(num_sections=1),
+    dict(num_sections=2),
+    dict(num_sections=3, cross_attention_window=2, num_query_groups=2,
+         output_combination="learned"),
+    dict(num_sections=3, weight_sharing="shared", cross_attention_window=1,
+         output_combination="learned"),
+    dict(num_sections=2, position_embedding_type="learned_absolute", cross_attention_rope=False,
+         normalization="RMSNorm", gated_linear_unit=True, activation="silu"),
+]
+
+
+@pytest.mark.parametrize("variant", STEP_VARIANTS, ids=variant_id)
+def test_batched_steps_equal_sequential_steps(variant):
+    """One pass over the stacked weights ([p, ...] separate, [1, ...] shared) computes what the
+    sections one after another compute: the same logits and the same caches after every step
+    (in fp64, so that only a real difference, not fp32 rounding, shows)."""
+    seed = fresh_seed()
+    model = tiny_reference(seed % 1000, perturb=0.5, **variant)
+    tokens, _ = random_tokens(2, LENGTH, seed)
+    sequential, batched = (ReferenceDecoder(model, 2, 16, mode=mode, dtype=torch.float64)
+                           for mode in ("sequential", "batched"))
+    p, shared = model.cfg.num_sections, variant.get("weight_sharing") == "shared"
+    layer = batched.layers[0]
+    assert layer.qkv.weight.shape[0] == layer.down.weight.shape[0] == (1 if shared else p)
+    if p > 1:
+        assert layer.cross_q.weight.shape[0] == (1 if shared else p - 1)
+    for t in range(3, LENGTH + 1):
+        if t == 3:
+            a, b = sequential.prefill(tokens[:, :3]), batched.prefill(tokens[:, :3])
+        else:
+            a, b = sequential.step(tokens[:, t - 1]), batched.step(tokens[:, t - 1])
+        scale = a.abs().max().item()
+        assert (a - b).abs().max().item() < 1e-10 * scale, f"seed {seed}, position {t - 1}"
+        for x, y in zip(cache_tensors(sequential), cache_tensors(batched)):
+            assert (x - y).abs().max().item() < 1e-10 * max(1.0, x.abs().max().item()), \
+                f"seed {seed}, caches after position {t - 1}"
+
+
+def cache_tensors(decoder: ReferenceDecoder) -> list:
+    return [t for c in decoder.self_caches + decoder.cross_caches for t in (c.k, c.v)]
+
+
+def test_compiled_step_matches_teacher_forced_forward():
+    """torch.compile of the fixed-shape step (CPU: one compilation, kept small): separate
+    weights stacked, three sections, GQA, a window of 2 that the ring wraps many times."""
+    seed = fresh_seed()
+    model = tiny_reference(seed % 1000, num_sections=3, cross_attention_window=2,
+                           num_query_groups=2, output_combination="learned")
+    tokens, _ = random_tokens(2, LENGTH, seed)
+    with torch.no_grad():
+        expected = model(tokens)
+    decoder = ReferenceDecoder(model, 2, 16, mode="batched", compile=True)
+    got = decode_logits(decoder, tokens, 3)
+    diff = (got - expected[:, 2:]).abs().max().item()
+    assert diff < 1e-4, f"seed {seed}: max abs diff {diff}"
+    eager = ReferenceDecoder(model, 2, 16, mode="batched")
+    assert decoder.generate(tokens[:, :3], 8) == eager.generate(tokens[:, :3], 8), f"seed {seed}"
 
 
 @pytest.mark.parametrize("variant", [dict(num_sections=1), dict(num_sections=2),
@@ -90,7 +171,7 @@ def test_greedy_tokens_match_teacher_forced_argmax(variant):
     seed = fresh_seed()
     model = tiny_reference(seed % 1000, perturb=0.5, **variant)
     prompt, _ = random_tokens(2, 4, seed)
-    for mode in modes_for(variant):
+    for mode in FORWARD_MODES:
         decoder = ReferenceDecoder(model, max_batch_size=2, max_sequence_length=16, mode=mode)
         new = torch.tensor(decoder.generate(prompt, 8))  # greedy, [b, 8]
         full = torch.cat([prompt, new], dim=1)
@@ -108,9 +189,11 @@ def test_recurrent_mode_reads_its_own_outputs():
                            cross_attention_window=3, output_combination="learned")
     tokens, _ = random_tokens(2, 9, seed)
     prompt = 3
-    got = decode_logits(ReferenceDecoder(model, 2, 16, mode="recurrent"), tokens, prompt)
     expected = recurrent_by_definition(model, tokens, prompt)
-    assert (got - expected).abs().max().item() < 1e-4, f"seed {seed}"
+    for fixed in (False, True):
+        decoder = (fixed_shape if fixed else ReferenceDecoder)(model, 2, 16, mode="recurrent")
+        got = decode_logits(decoder, tokens, prompt)
+        assert (got - expected).abs().max().item() < 1e-4, f"seed {seed}, fixed shape {fixed}"
 
 
 @torch.no_grad()
@@ -142,13 +225,14 @@ def _angles(cfg, positions):
 
 
 MEGATRON_CASES = [  # (config overrides, modes)
-    (dict(num_sections=1), ("sequential",)),
-    (dict(num_sections=2, num_query_groups=2, gated_linear_unit=True), ("sequential",)),
+    (dict(num_sections=1), ("sequential", "batched")),
+    (dict(num_sections=2, num_query_groups=2, gated_linear_unit=True),
+     ("sequential", "batched")),
     (dict(num_sections=2, weight_sharing="shared"), ("sequential", "batched", "recurrent")),
     (dict(num_sections=3, weight_sharing="shared", cross_attention_window=2,
           output_combination="learned"), ("sequential", "batched", "recurrent")),
     (dict(num_sections=3, output_combination="learned", position_embedding_type=
-          "learned_absolute", cross_attention_rope=False), ("sequential",)),
+          "learned_absolute", cross_attention_rope=False), ("sequential", "batched")),
 ]
 
 
@@ -201,9 +285,9 @@ def test_generate_stops_each_sequence_at_its_own_stop_token():
 
 
 def test_cross_cache_size_is_fixed_by_the_window():
-    def sizes(window, max_len, sections=2):
+    def sizes(window, max_len, sections=2, **options):
         model = tiny_reference(0, num_sections=sections, cross_attention_window=window)
-        return ReferenceDecoder(model, 2, max_len).cache_bytes()
+        return ReferenceDecoder(model, 2, max_len, **options).cache_bytes()
 
     short, long = sizes(3, 16), sizes(3, 64)
     assert long["cross"] == short["cross"] > 0
@@ -213,36 +297,53 @@ def test_cross_cache_size_is_fixed_by_the_window():
     assert sizes(3, 16, sections=3)["cross"] == 2 * short["cross"]
     assert sizes(None, 64)["cross"] == 4 * sizes(None, 16)["cross"]
     assert sizes(None, 16, sections=1)["cross"] == 0
+    # fixed-shape steps: one spare ring entry, so a step never overwrites a slot it reads
+    assert sizes(3, 16, compile=True)["cross"] == short["cross"] * 4 // 3
+    assert sizes(None, 16, compile=True)["cross"] == sizes(None, 16)["cross"] * 17 // 16
 
 
-def test_window_ring_decodes_far_past_its_size():
-    """w = 2 slots over 40 positions: the ring wraps many times, still the forward's logits."""
+@pytest.mark.parametrize("window", [2, None])
+def test_ring_decodes_to_the_last_position(window):
+    """40 positions, all the caches hold: a window of 2 slots wraps its ring many times, and the
+    last step writes slot 40 (= max_len, never read); still the forward's logits."""
     seed = fresh_seed()
-    model = tiny_reference(seed % 1000, num_sections=2, cross_attention_window=2)
+    model = tiny_reference(seed % 1000, num_sections=2, cross_attention_window=window)
     tokens, _ = random_tokens(1, 40, seed)
     with torch.no_grad():
         expected = model(tokens)
-    got = decode_logits(ReferenceDecoder(model, 1, 40), tokens, 3)
-    assert (got - expected[:, 2:]).abs().max().item() < 1e-4, f"seed {seed}"
+    for build in (ReferenceDecoder, fixed_shape):
+        got = decode_logits(build(model, 1, 40, mode="batched"), tokens, 3)
+        assert (got - expected[:, 2:]).abs().max().item() < 1e-4, f"seed {seed}, {build}"
 
 
-def test_bf16_decode_is_close_to_fp32():
+BF16_TOLERANCE = 0.02  # bf16 logits within 2% of the largest fp32 logit (seen: up to 0.6%)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(num_sections=2, weight_sharing="shared", cross_attention_window=3,
+         output_combination="learned"),
+    dict(num_sections=3, num_query_groups=2, cross_attention_window=2)], ids=variant_id)
+def test_bf16_decode_is_close_to_fp32(variant):
+    """dtype=bf16 on an fp32 model (the decoder casts its own weights; the model stays fp32),
+    and a model cast to bf16 beforehand (dtype None: the model's), against fp32 decoding."""
     seed = fresh_seed()
-    model = tiny_reference(seed % 1000, num_sections=2, weight_sharing="shared",
-                           cross_attention_window=3, output_combination="learned")
+    model = tiny_reference(seed % 1000, **variant)
+    half_model = copy.deepcopy(model).to(torch.bfloat16)
     tokens, _ = random_tokens(2, LENGTH, seed)
-    for mode in ("sequential", "batched", "recurrent"):
+    modes = FORWARD_MODES + (("recurrent",) if variant.get("weight_sharing") == "shared" else ())
+    for mode in modes:
         full = decode_logits(ReferenceDecoder(model, 2, 16, mode=mode), tokens, 4)
-        half_model = tiny_reference(seed % 1000, num_sections=2, weight_sharing="shared",
-                                    cross_attention_window=3, output_combination="learned")
-        half_model.to(torch.bfloat16)
-        decoder = ReferenceDecoder(half_model, 2, 16, mode=mode)
-        half = decode_logits(decoder, tokens, 4)
-        assert half.dtype == torch.bfloat16
-        assert decoder.self_caches[0].k.dtype == torch.bfloat16
-        diff = (half.float() - full).abs().max().item()
         scale = full.abs().max().item()
-        assert diff < 0.02 * scale, f"seed {seed}, mode {mode}: bf16 vs fp32 {diff} ({scale})"
+        for source, dtype in ((model, torch.bfloat16), (model, "bf16"), (half_model, None)):
+            decoder = ReferenceDecoder(source, 2, 16, mode=mode, dtype=dtype)
+            half = decode_logits(decoder, tokens, 4)
+            assert half.dtype == decoder.self_caches[0].k.dtype == torch.bfloat16
+            diff = (half.float() - full).abs().max().item()
+            assert diff < BF16_TOLERANCE * scale, \
+                f"seed {seed}, mode {mode}, dtype {dtype}: bf16 vs fp32 {diff} ({scale})"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    fp32 = ReferenceDecoder(half_model, 2, 16, dtype=torch.float32)  # and back up to fp32
+    assert decode_logits(fp32, tokens, 4).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------- (d) errors
@@ -256,10 +357,14 @@ def _prefilled(decoder, length: int):
 SEPARATE = dict(num_sections=2)
 # (model overrides, what to do with it (m: the reference model) -> raises, the message)
 ERRORS = [
-    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, mode="batched"),
-     "weight_sharing='shared'.*Fix: use mode='sequential'"),
     (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, mode="recurrent"),
-     "weight_sharing='shared'.*Fix: use mode='sequential'"),
+     "weight_sharing='shared'.*Fix: use mode='batched' or 'sequential'"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, mode="batched", cuda_graph=True),
+     "captures CUDA graphs, and the model is on cpu. Fix"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, dtype="int8"),
+     "dtype='int8' is not a floating-point.*Fix"),
+    (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, dtype=torch.int64),
+     "dtype=torch.int64 is not a floating-point.*Fix"),
     (SEPARATE, lambda m: ReferenceDecoder(m, 2, 16, mode="pipeline"), "not one of.*Fix"),
     (dict(num_sections=1, weight_sharing="shared"),
      lambda m: ReferenceDecoder(m, 2, 16, mode="recurrent"),

@@ -2,7 +2,8 @@
 
 Small named steps around explicit caches, gpt-fast style:
 
-    StagDecoder(model, max_batch_size, max_sequence_length, mode)   allocates the caches
+    StagDecoder(model, max_batch_size, max_sequence_length, mode, compile=, cuda_graph=, dtype=)
+                             allocates the caches (and stacks the weights of the fused step)
     prefill(prompt [b, s])   -> logits [b, vocab]   sections one after another over the prompt
     step(tokens [b])         -> logits [b, vocab]   every section processes the same new token
     generate(prompt, n, sampler, stop_tokens)       the one token loop of
@@ -10,25 +11,40 @@ Small named steps around explicit caches, gpt-fast style:
 
 `self.position` is the position of the next token. A step at position t runs token t through
 every section (section k > 0 cross-attends to its slots 0..t, only t-w+1..t with a window),
-then caches slot t+1 of section k = section k-1's output at t. The layer math is in
-stag_plugin.decode.layers; one section per pipeline rank is stag_plugin.decode.pipeline.
+then caches slot t+1 of section k = section k-1's output at t. Prefill and mode "sequential" run
+the model's own modules (stag_plugin.decode.layers, shared with stag_plugin.decode.pipeline);
+modes "batched" and "recurrent" run the fused step of stag_plugin.decode.fused on stacked weights.
 
 Modes:
-    "sequential"  sections one after another inside each step (the reference decode).
-    "batched"     shared weights only: the p section passes of a step run as one forward over
-                  p * b rows (one weight read per step); cross-attention runs on the rows of
-                  sections 2..p, which share its weights.
+    "sequential"  sections one after another inside each step, on the model's modules (the
+                  reference decode; eager only).
+    "batched"     the p section passes of a step as one computation (the fast path; any weight
+                  sharing, p >= 1): every linear layer is one batched matmul over the stacked
+                  [p, ...] weights of separate sections, or one matmul over p * b rows with shared
+                  weights (one weight read); attention is one SDPA call over p * b rows;
+                  cross-attention runs on the passes of sections 2..p. A step costs the kernels
+                  of one l/p-layer model. p = 1 (a plain GPT) decodes through the same step.
     "recurrent"   shared weights only, p >= 2: prefill as in training, then one pass per token
                   (the last section's configuration) that cross-attends to its own outputs of
                   earlier steps (prompt slots stay section p-1's outputs from prefill). Its
                   logits read that pass alone (no learned combination). Not equal to the
                   teacher-forced forward, by design.
 
+Fixed-shape steps (`compile`, `cuda_graph`; modes batched and recurrent): the position is a
+tensor, the caches are written in place at it (index_copy_; a ring entry for a windowed memory)
+and attention reads the whole caches under a mask made from it, so the step keeps its shapes and
+runs under torch.compile or as a replayed CUDA graph (stag_plugin.reference.step_runner). Eager
+steps read only the filled cache entries. Both are the same functions of fused.py.
+
+Precision: `dtype` (e.g. torch.bfloat16) casts the model in place before decoding; None decodes
+in the model's dtype. bf16 logits stay within 5% of the largest fp32 logit on the test models
+(tests/test_fused_decode.py).
+
 Tensor parallelism: every TP rank runs the same steps on its own heads (the caches hold
-num_query_groups / tp groups); the logits are gathered to the full vocabulary on every rank, so
-greedy choices agree, and a random choice in `generate` is made on the first TP rank and
-broadcast. The plain-PyTorch counterpart (no Megatron) is
-stag_plugin.reference.decode.ReferenceDecoder.
+num_query_groups / tp groups; the fused step stacks this rank's shards and all-reduces the
+row-parallel outputs); the logits are gathered to the full vocabulary on every rank, so greedy
+choices agree, and a random choice in `generate` is made on the first TP rank and broadcast.
+The plain-PyTorch counterpart (no Megatron) is stag_plugin.reference.decode.ReferenceDecoder.
 """
 
 from __future__ import annotations
@@ -40,12 +56,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from stag_plugin.core.attention import cross_attention_mask
-from stag_plugin.decode import layers
+from stag_plugin.decode import fused, layers
 from stag_plugin.errors import StagError
 from stag_plugin.reference import sampling
 from stag_plugin.reference.sampling import Sampler
+from stag_plugin.reference.step_runner import StepRunner
 
 MODES = ("sequential", "batched", "recurrent")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 class StagDecoder:
@@ -53,26 +72,42 @@ class StagDecoder:
     (pipeline parallel size 1, any tensor parallel size).
 
     Args:
-        model: a StagGPTModel (its tensor-parallel shard under TP); put in eval mode here.
+        model: a StagGPTModel (its tensor-parallel shard under TP); put in eval mode here. For
+            the fused modes with separate weights, its layer parameters become views of the
+            stacked weights (values unchanged; the weights are held once).
         max_batch_size: most sequences decoded together.
         max_sequence_length: most positions (prompt + generated tokens fed back) per sequence.
-        mode: "sequential", "batched" (shared weights) or "recurrent" (shared weights, p >= 2).
+        mode: "sequential", "batched" (the fast path, any weights) or "recurrent" (shared
+            weights, p >= 2).
+        compile: run the step as a fixed-shape function under torch.compile (modes batched,
+            recurrent).
+        cuda_graph: capture the fixed-shape step as a CUDA graph per batch size and replay it
+            (modes batched, recurrent; CUDA only). With `compile`, the compiled step is captured.
+        dtype: the dtype to decode in (torch.bfloat16, "bf16", ...): the model is cast in place
+            to it; None keeps the model's dtype.
     """
 
     MODES = MODES
 
     def __init__(self, model, max_batch_size: int, max_sequence_length: int,
-                 mode: str = "sequential"):
+                 mode: str = "sequential", compile: bool = False, cuda_graph: bool = False,
+                 dtype=None):
         check_model(model, max_batch_size, max_sequence_length)
         check_mode(model.config, mode)
+        check_step_options(model.config, mode, compile, cuda_graph)
+        cast(model, dtype)
         self.model, self.config, self.mode = model.eval(), model.config, mode
         self.p = self.config.num_sections
         self.max_batch_size, self.max_len = max_batch_size, max_sequence_length
         self.math = layers.LayerMath.of(model)
-        self.caches = new_caches(model, range(self.p), max_batch_size, max_sequence_length)
+        self.caches = new_caches(model, range(self.p), max_batch_size, max_sequence_length,
+                                 spare=compile or cuda_graph)
         self.device = model.embedding.word_embeddings.weight.device
-        self._step = {"sequential": self._step_sequential, "batched": self._step_batched,
-                      "recurrent": self._step_recurrent}[mode]
+        self.dtype = model.embedding.word_embeddings.weight.dtype
+        self.weights = (None if mode == "sequential"
+                        else fused.StackedWeights.of(model, max_sequence_length))
+        self._runner = (StepRunner(self._fixed_step, compile, cuda_graph, self.device)
+                        if compile or cuda_graph else None)
         if self.config.tensor_model_parallel_size > 1:
             # Megatron's logits gather allocates on the current CUDA device; on a CPU-only
             # machine the compatibility layer redirects it (idempotent; a no-op on GPU).
@@ -111,12 +146,15 @@ class StagDecoder:
         """One new token per sequence, ids [b] -> logits [b, vocab] for the token after it."""
         check_step(input_ids, self.caches.batch)
         self.check_room(self.position + 1, "prompt + generated tokens")
-        t = self.position
-        x = layers.embed(self.model, input_ids.to(self.device).view(-1, 1), first=t)  # [1, b, h]
-        outs = self._step(x, t)
-        self._append_slots(outs, slot=t + 1)
+        t, ids = self.position, input_ids.to(self.device)
+        if self.mode == "sequential":
+            logits = self._step_sequential(ids, t)
+        else:
+            index = torch.tensor([t], device=self.device)
+            logits = (self._runner(ids, index) if self._runner is not None
+                      else self._fused_step(ids, fused.At(index, t)))
         self.position += 1
-        return self._logits(outs)[0]
+        return logits
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int,
@@ -134,38 +172,36 @@ class StagDecoder:
 
     # ------------------------------------------------------------------ step variants
 
-    def _step_sequential(self, x: Tensor, t: int) -> List[Tensor]:
-        return [layers.run_section(self.math, self.model.sections[k], k, x, t, self.caches)
+    def _step_sequential(self, ids: Tensor, t: int) -> Tensor:
+        """The sections one after another on the model's modules; then slot t+1 of section k =
+        section k-1's output."""
+        x = layers.embed(self.model, ids.view(-1, 1), first=t)  # [1, b, h]
+        outs = [layers.run_section(self.math, self.model.sections[k], k, x, t, self.caches)
                 for k in range(self.p)]
-
-    def _step_batched(self, x: Tensor, t: int) -> List[Tensor]:
-        """All p passes as one forward over p * b rows (shared weights)."""
-        b, p, math, caches = self.caches.batch, self.p, self.math, self.caches
-        h = x.repeat(1, p, 1)  # [1, p*b, h], section-major rows
-        for i, layer in enumerate(self.model.sections[0].layers):
-            h = h + layers.self_attention(math, layer, h, caches.self_kv[i], slice(0, p * b), t)
-            if p > 1:  # sections 2..p: rows b.., their cross rows 0..(p-1)*b
-                cross_layer = self.model.sections[1].layers[i]
-                later = h[:, b:] + layers.cached_cross_attention(
-                    math, cross_layer, h[:, b:], caches.cross_kv[i], slice(0, (p - 1) * b), t)
-                h = torch.cat([h[:, :b], later], dim=1)
-            h = h + layers.mlp(layer, h)
-        return list(self.model.sections[0].final_layernorm(h).split(b, dim=1))
-
-    def _step_recurrent(self, x: Tensor, t: int) -> List[Tensor]:
-        """One pass (section p's configuration) reading its own earlier outputs as memory."""
-        k = self.p - 1
-        return [layers.run_section(self.math, self.model.sections[k], k, x, t, self.caches)]
-
-    def _append_slots(self, outs: List[Tensor], slot: int) -> None:
-        """After the step at position slot-1: slot `slot` of section k = section k-1's output
-        (recurrent mode: the single pass's own output, for the last section)."""
-        if self.mode == "recurrent":
-            layers.append_memory(self.model.sections[-1], self.p - 1, outs[0], slot,
-                                 self.caches)
-            return
         for k in range(1, self.p):
-            layers.append_memory(self.model.sections[k], k, outs[k - 1], slot, self.caches)
+            layers.append_memory(self.model.sections[k], k, outs[k - 1], t + 1, self.caches)
+        return self._logits(outs)[0]
+
+    def _fused_step(self, ids: Tensor, at: fused.At) -> Tensor:
+        """ids [b] at position `at` -> logits [b, vocab] (modes batched, recurrent); writes the
+        self K/V at `at` and memory slot at + 1."""
+        p, w, caches = self.p, self.weights, self.caches
+        x = fused.embed(self.model, ids, at.index)  # [1, b, h]
+        if self.mode == "recurrent":  # one pass: section p's rows, reading its own outputs
+            rows = caches.cross_rows(p - 1)
+            out = fused.run_layers(w, x, caches, caches.self_rows(p - 1), rows, 0, at)
+            fused.append_memory(w, out, caches, rows, at)  # its own output -> slot at + 1
+            return fused.logits(self.model, out, combine=False)
+        cross = span(caches.cross_rows, 1, p - 1) if p > 1 else None
+        outs = fused.run_layers(w, x.expand(p, -1, -1), caches, span(caches.self_rows, 0, p - 1),
+                                cross, 1, at)  # [p, b, h]
+        if p > 1:  # slot at + 1 of sections 2..p = the outputs of sections 1..p-1
+            fused.append_memory(w, outs[:-1], caches, cross, at)
+        return fused.logits(self.model, outs, self.config.output_combination == "learned")
+
+    def _fixed_step(self, ids: Tensor, index: Tensor) -> Tensor:
+        """The fused step with shapes independent of the position (StepRunner's function)."""
+        return self._fused_step(ids, fused.At(index))
 
     def _logits(self, outs: List[Tensor]) -> Tensor:
         combine = self.config.output_combination == "learned" and self.mode != "recurrent"
@@ -186,14 +222,51 @@ class StagDecoder:
 # ---------------------------------------------------------------------------- shared helpers
 
 
-def new_caches(model, sections, max_batch_size: int, max_len: int) -> layers.Caches:
-    """Caches for `sections` of `model` (this rank's heads under tensor parallelism)."""
+def new_caches(model, sections, max_batch_size: int, max_len: int,
+               spare: bool = False) -> layers.Caches:
+    """Caches for `sections` of `model` (this rank's heads under tensor parallelism; `spare`:
+    see layers.Caches)."""
     attention = model.sections[0].layers[0].self_attention
     weight = model.embedding.word_embeddings.weight
     return layers.Caches(sections, model.config.layers_per_section, max_batch_size,
                          attention.num_query_groups_per_partition,
                          attention.hidden_size_per_attention_head, max_len,
-                         model.config.cross_attention_window, weight.dtype, weight.device)
+                         model.config.cross_attention_window, weight.dtype, weight.device, spare)
+
+
+def span(rows_of, first: int, last: int) -> slice:
+    """The cache rows of sections first..last (section-major, contiguous)."""
+    return slice(rows_of(first).start, rows_of(last).stop)
+
+
+def cast(model, dtype) -> None:
+    """Cast `model` in place to `dtype` (a torch.dtype or one of DTYPES' names); None: keep."""
+    if dtype is None:
+        return
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise StagError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}",
+                            "pass a torch dtype or one of those names")
+        dtype = DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise StagError(f"dtype={dtype!r} is not a floating-point torch dtype",
+                        "pass e.g. torch.bfloat16 or torch.float32")
+    if model.embedding.word_embeddings.weight.dtype != dtype:
+        model.to(dtype)
+
+
+def check_step_options(config, mode: str, compile: bool, cuda_graph: bool) -> None:
+    """The fused step (modes batched, recurrent) computes this model; compile / cuda_graph run
+    it, and mode sequential runs the model's modules."""
+    if mode != "sequential":
+        fused.check_fusable(config)
+    elif compile or cuda_graph:
+        asked = " and ".join(n for n, on in (("compile", compile), ("cuda_graph", cuda_graph))
+                             if on)
+        raise StagError(f"{asked} runs the fixed-shape fused step of modes 'batched' and "
+                        "'recurrent'; mode='sequential' runs the model's own modules eagerly",
+                        "use mode='batched' (the same logits, every section in one pass), or "
+                        f"drop {asked}")
 
 
 def broadcast_choice(logits: Optional[Tensor], sampler: Sampler, batch: int, source: int,

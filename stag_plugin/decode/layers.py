@@ -1,5 +1,7 @@
-"""The layer math of staggered decoding on a Megatron StagGPTModel, shared by both engines
-(StagDecoder in engine.py, PipelineDecoder in pipeline.py).
+"""The layer math of staggered decoding on a Megatron StagGPTModel's own modules, shared by both
+engines: StagDecoder's prefill and mode "sequential" (engine.py), and PipelineDecoder
+(pipeline.py). StagDecoder's modes "batched" and "recurrent" step through fused.py instead,
+which computes the same layers in tensor ops on stacked weights; the caches are this file's.
 
 Layouts: hidden states [n, B, h] (Megatron's sequence-first); per-head tensors from Megatron's
 projections [n, B, heads, hd]; cache entries [B, groups, positions, hd] (stag_plugin.reference's
@@ -34,15 +36,20 @@ class Caches:
 
     self_kv[i]: layer i's self K/V for every local section, [len(sections) * B, g, max_len, hd]
     cross_kv[i]: layer i's cross K/V for the local sections k > 0, [.. * B, g, C, hd] with
-    C = the cross-attention window (a ring) or max_len. Rows are section-major."""
+    C = the cross-attention window w (a ring) or max_len. Rows are section-major.
+
+    `spare`: a ring of w + 1 entries, so that a step writing memory slot t + 1 never overwrites
+    one it reads (slots t-w+1..t): a fixed-shape step run twice then leaves the caches as run
+    once (stag_plugin.reference.step_runner); its reads mask the extra entry."""
 
     def __init__(self, sections: Sequence[int], layers: int, max_batch_size: int, groups: int,
-                 head_dim: int, max_len: int, window: Optional[int], dtype, device):
+                 head_dim: int, max_len: int, window: Optional[int], dtype, device,
+                 spare: bool = False):
         self.sections = tuple(sections)
         self._self_index = {k: j for j, k in enumerate(self.sections)}
         self._cross_index = {k: j for j, k in enumerate(k for k in self.sections if k > 0)}
         self.groups, self.head_dim = groups, head_dim
-        self.cross_len = max_len if window is None else min(window, max_len)
+        self.cross_len = max_len if window is None else min(window + spare, max_len)
         rows = max_batch_size
         new = lambda count, size: KVCache(count * rows, groups, size, head_dim, max_len, dtype,
                                           device)

@@ -228,7 +228,7 @@ def check_pipeline_layout(config) -> None:
         raise StagError(
             "PipelineDecoder decodes a model built under pipeline parallelism with one section "
             "per stage; this model has a single pipeline stage (pipeline_model_parallel_size=1)",
-            f"use StagDecoder (mode 'sequential', or 'batched' with shared weights), or launch "
+            f"use StagDecoder (mode 'sequential' or 'batched'), or launch "
             f"{p} processes (torchrun) and build the model with pipeline_model_parallel_size="
             f"num_sections={p}")
     if pp != p:

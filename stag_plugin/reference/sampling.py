@@ -94,12 +94,13 @@ def stop_sets(stop_tokens, batch: int) -> List[set]:
 
 
 def check_mode(mode: str, weight_sharing: str, num_sections: int) -> None:
-    """The rules every decoder shares: batched / recurrent need shared section weights, and
-    recurrent decoding needs a cross-attention to read its own outputs through (p >= 2)."""
-    if mode in ("batched", "recurrent") and weight_sharing != "shared":
+    """The rules every decoder shares: recurrent decoding needs shared section weights and a
+    cross-attention to read its own outputs through (p >= 2). Batched decoding takes either
+    weight sharing (separate weights run stacked)."""
+    if mode == "recurrent" and weight_sharing != "shared":
         raise StagError(f"mode={mode!r} needs shared section weights (weight_sharing="
                         f"'shared'); this model has weight_sharing={weight_sharing!r}",
-                        "use mode='sequential'")
+                        "use mode='batched' or 'sequential'")
     if mode == "recurrent" and num_sections < 2:
         raise StagError("mode='recurrent' needs num_sections >= 2 (the pass reads its own "
                          "outputs through the cross-attention of sections 2..p)", "use "
