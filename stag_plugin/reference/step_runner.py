@@ -39,6 +39,8 @@ class StepRunner:
             raise StagError(f"cuda_graph=True captures CUDA graphs, and the model is on "
                             f"{device}", "move the model to a CUDA device, or decode without "
                             "cuda_graph (compile=True works on CPU)")
+        if compile:
+            _allow_recompiles()
         self.fn = torch.compile(fn, dynamic=False) if compile else fn
         self.compile, self.cuda_graph = compile, cuda_graph
         self._graphs: Dict[Tuple, "_Graph"] = {}
@@ -50,6 +52,18 @@ class StepRunner:
         if key not in self._graphs:
             self._graphs[key] = _Graph(self.fn, inputs)
         return self._graphs[key].replay(inputs)
+
+
+def _allow_recompiles(limit: int = 256) -> None:
+    """Every decoder compiles its own step (its caches and weights are other tensors), and
+    torch.compile counts those as recompiles of one function: past its limit (8) it would fall
+    back to eager steps without an error. Raise the limit to torch's limit over all functions
+    (never lower it)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dynamo_config, name, limit) < limit:
+            setattr(dynamo_config, name, limit)
 
 
 class _Graph:
