@@ -59,12 +59,11 @@ from stag_plugin.core.attention import cross_attention_mask
 from stag_plugin.decode import fused, layers
 from stag_plugin.errors import StagError
 from stag_plugin.reference import sampling
+from stag_plugin.reference.decode import parse_dtype
 from stag_plugin.reference.sampling import Sampler
 from stag_plugin.reference.step_runner import StepRunner
 
 MODES = ("sequential", "batched", "recurrent")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 class StagDecoder:
@@ -240,18 +239,9 @@ def span(rows_of, first: int, last: int) -> slice:
 
 
 def cast(model, dtype) -> None:
-    """Cast `model` in place to `dtype` (a torch.dtype or one of DTYPES' names); None: keep."""
-    if dtype is None:
-        return
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise StagError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}",
-                            "pass a torch dtype or one of those names")
-        dtype = DTYPES[dtype]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise StagError(f"dtype={dtype!r} is not a floating-point torch dtype",
-                        "pass e.g. torch.bfloat16 or torch.float32")
-    if model.embedding.word_embeddings.weight.dtype != dtype:
+    """Cast `model` in place to `dtype` (reference.decode.parse_dtype's forms); None: keep."""
+    dtype = parse_dtype(dtype)
+    if dtype is not None and model.embedding.word_embeddings.weight.dtype != dtype:
         model.to(dtype)
 
 

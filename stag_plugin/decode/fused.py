@@ -357,8 +357,7 @@ def store_and_read(cache: KVCache, rows: slice, at: At, key: Tensor,
     if at.t is not None:
         cache.update(rows, at.t, key, value)
         return (*cache.read(rows, at.t + 1), None)
-    cache.k[rows].index_copy_(2, at.index, key)
-    cache.v[rows].index_copy_(2, at.index, value)
+    cache.write(rows, at.index, key, value)
     return cache.k[rows], cache.v[rows], _visible(cache, at)
 
 
