@@ -48,6 +48,20 @@ def descendants(pid: int) -> list:
     return psutil.Process(pid).children(recursive=True)
 
 
+def training_ranks(pid: int) -> dict:
+    """The `stag_plugin` rank processes under `pid`, by RANK; short-lived helper processes that
+    exit while being read are skipped."""
+    ranks = {}
+    for process in descendants(pid):
+        try:
+            rank, command = process.environ().get("RANK"), " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if rank is not None and "stag_plugin" in command:
+            ranks[rank] = process
+    return ranks
+
+
 def kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -105,9 +119,7 @@ def test_a_frozen_rank_ends_the_job_naming_it(tmp_path, flags):
     frozen = None
     try:
         wait_for(lambda: (save / "latest_checkpointed_iteration.txt").exists(), 300, job)
-        ranks = {p.environ().get("RANK"): p for p in descendants(job.pid)
-                 if p.environ().get("RANK") is not None and "stag_plugin" in " ".join(p.cmdline())}
-        frozen = ranks["1"]
+        frozen = training_ranks(job.pid)["1"]
         frozen.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         output, _ = job.communicate(timeout=240)
