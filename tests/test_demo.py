@@ -49,9 +49,12 @@ def test_demo_trains_four_models_and_writes_a_report(small_demo):
         iterations = [h["iteration"] for h in model["history"] if "lr" in h]
         assert iterations == list(range(1, size["train_iters"] + 1))
         assert len(model["samples"]) == len(demo.PROMPTS)
+        for sample in model["samples"]:  # greedy and sampled continuations, both text
+            assert isinstance(sample["completion"], str) and isinstance(sample["sampled"], str)
     report = (out / "report.md").read_text()
     for name in names:
         assert f"| {name} |" in report
+    assert "Greedy, then sampled (temperature 0.8, top_p 0.95)" in report
     assert (out / "valid_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -8,8 +8,8 @@ token budget and compare them:
 
 Corpus (the Python standard library) -> SentencePiece tokenizer -> Megatron indexed datasets
 (cached, reused by reruns) -> `stag train` for each model -> a table of parameters, validation
-perplexity and training tokens/s, greedy samples, and in --out: report.md, results.json,
-valid_loss.png and one checkpoint per model (usable with `stag eval --load`).
+perplexity and training tokens/s, greedy and sampled continuations, and in --out: report.md,
+results.json, valid_loss.png and one checkpoint per model (usable with `stag eval --load`).
 
     stag demo                      # about 15 minutes on a 2-core CPU
     stag demo --size small         # a minute: the same pipeline at toy sizes (used by the tests)
@@ -49,6 +49,7 @@ FIXED_FLAGS = ["--transformer-impl", "local", "--position-embedding-type", "rope
 
 PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for key, value in ")
 NULL_PROMPTS = ("1 2 3",)  # a NullTokenizer's text is token ids
+SAMPLING = dict(temperature=0.8, top_p=0.95)  # the sampled continuation beside the greedy one
 
 
 @dataclass
@@ -163,27 +164,32 @@ def train_variant(name: str, flags: list, size: dict, options) -> ModelResult:
     seconds = time.perf_counter() - start
     null = getattr(options, "tokenizer_type", None) == "NullTokenizer"
     prompts = NULL_PROMPTS if null else PROMPTS
-    samples = [greedy_sample(run, prompt, options.sample_tokens) for prompt in prompts]
+    samples = [continuations(run, prompt, options.sample_tokens, options.seed)
+               for prompt in prompts]
     return ModelResult(name=name, flags=argv, parameters=result.parameters,
                        valid_loss=result.valid_loss, valid_ppl=math.exp(result.valid_loss),
                        tokens_per_second=result.tokens_per_second, train_seconds=seconds,
                        history=result.history, samples=samples, checkpoint=str(args.save))
 
 
-def greedy_sample(run, prompt: str, new_tokens: int) -> dict:
-    """Greedy continuation of `prompt` by the trained model, decoded with KV caches
-    (StagDecoder, the one token loop of stag_plugin.reference.sampling)."""
+def continuations(run, prompt: str, new_tokens: int, seed: int) -> dict:
+    """The greedy continuation of `prompt` by the trained model, and a sampled one (SAMPLING),
+    decoded with KV caches (StagDecoder, the one token loop of stag_plugin.reference.sampling)."""
     from stag_plugin.decode.engine import StagDecoder
     from stag_plugin.decode.text import continue_text
+    from stag_plugin.reference.sampling import Sampler
     from stag_plugin.training import runtime
 
     model, tokenizer = runtime.unwrap(run.model[0]), run.tokenizer
     ids = tokenizer.tokenize(prompt)
     new_tokens = min(new_tokens, run.args.max_position_embeddings - len(ids) + 1)
     decoder = StagDecoder(model, 1, len(ids) + new_tokens - 1)
-    new = continue_text(decoder, tokenizer, ids, new_tokens).token_ids
+    texts = {}
+    for kind, sampler in (("completion", Sampler()), ("sampled", Sampler(**SAMPLING, seed=seed))):
+        new = continue_text(decoder, tokenizer, ids, new_tokens, sampler=sampler).token_ids
+        texts[kind] = tokenizer.detokenize(ids + new)[len(prompt):]
     model.train()
-    return {"prompt": prompt, "completion": tokenizer.detokenize(ids + new)[len(prompt):]}
+    return {"prompt": prompt, **texts}
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -225,9 +231,10 @@ def format_table(results: list) -> str:
 
 def print_samples(results: list) -> None:
     for r in results:
-        print(f"\n--- {r.name} (greedy) ---")
-        for sample in r.samples:
-            print(f"{sample['prompt']}\u2502{sample['completion']}\n")
+        for kind, key in (("greedy", "completion"), (_sampling_label(), "sampled")):
+            print(f"\n--- {r.name} ({kind}) ---")
+            for sample in r.samples:
+                print(f"{sample['prompt']}\u2502{sample[key]}\n")
 
 
 def markdown_report(report: dict, results: list) -> str:
@@ -245,11 +252,13 @@ def markdown_report(report: dict, results: list) -> str:
         lines.append(f"| {r.name} | {_depth(r)} | {r.parameters:,} | {r.valid_loss:.4f} | "
                      f"{r.valid_ppl:.2f} | {r.tokens_per_second:.0f} | {r.train_seconds:.0f} |")
     lines += ["", f"Validation perplexity, best first: {ranking}", "", *comparisons(results), "",
-              "![validation loss](valid_loss.png)", "", "## Greedy samples", ""]
+              "![validation loss](valid_loss.png)", "",
+              "## Samples", "", f"Greedy, then sampled ({_sampling_label()}), per prompt.", ""]
     for r in results:
         lines.append(f"### {r.name}")
         for sample in r.samples:
-            lines += ["```python", sample["prompt"] + sample["completion"], "```"]
+            lines += ["```python", sample["prompt"] + sample["completion"], "```",
+                      "```python", sample["prompt"] + sample["sampled"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -305,6 +314,10 @@ def _running_mean(values: list, window: int) -> list:
         total += value - (values[i - window] if i >= window else 0.0)
         out.append(total / min(i + 1, window))
     return out
+
+
+def _sampling_label() -> str:
+    return ", ".join(f"{key} {value}" for key, value in SAMPLING.items())
 
 
 def _depth(result: ModelResult) -> str:
