@@ -4,12 +4,16 @@
     python bench/quality.py --out runs/quality --variants gpt-L gpt-L/2   # does depth pay?
     python bench/quality.py --out runs/quality --heldout path/to/texts  # other held-out text
     python bench/quality.py --out runs/q-smoke --preset smoke           # a minute, toy sizes
+    python bench/quality.py --out runs/q-l4 --layers 4 --variants gpt-L gpt-L/2  # other shapes
 
 The paper's comparison (arXiv 2501.15665, Table 1) at a size a CPU can train: an L-layer GPT,
 an L/2-layer GPT and StagFormers of 2 sections x L/2 layers, every model trained with
 `stag train`'s own training step on the embedded corpus (the Python standard library,
 SentencePiece), on the same tokens in the same order for a given seed (the seed sets both the
-initialisation and the data order). Each (variant, seed) is a unit: trained, checkpointed,
+initialisation and the data order). The default preset (L = 2, width 128, 2.46M training
+tokens per model, about 2 minutes per model on 2 CPU cores) is the deepest pair found at which,
+on this budget, the L-layer GPT beats the L/2-layer one by more than the seed spread; 4 against
+2 layers did not (docs/quality.md). Each (variant, seed) is a unit: trained, checkpointed,
 then evaluated on the whole validation and test splits and on a held-out corpus the training
 corpus does not contain (default: the `.py` files of the installed numpy and sympy packages,
 an even share of tokens from each; `--heldout` names other files or folders).
@@ -46,7 +50,7 @@ from stag_plugin.training import arguments  # noqa: E402
 from stag_plugin.training.demo import FIXED_FLAGS, machine  # noqa: E402
 
 PRESETS = {
-    "default": dict(layers=4, hidden_size=128, num_attention_heads=4, seq_length=128,
+    "default": dict(layers=2, hidden_size=128, num_attention_heads=4, seq_length=128,
                     micro_batch_size=16, train_iters=1200, lr=2e-3, min_lr=2e-4,
                     lr_warmup_iters=60, eval_interval=150, eval_iters=8, vocab_size=2048,
                     window=16, heldout_tokens=131072),
@@ -72,6 +76,7 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["gpt-L", "gpt-L/2", "stag-sep", "stag-shared"]
 HELDOUT_PACKAGES = ("numpy", "sympy")
+SPLITS = ("valid", "test", "heldout")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in SHAPE_KEYS:
         kind = float if key in ("lr", "min_lr") else int
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None,
-                            help=f"(default: the preset's)")
+                            help="(default: the preset's)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
                         default=DEFAULT_VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1234, 1235])
@@ -118,6 +123,7 @@ def main(argv=None) -> int:
                                   for v, s in units])
     write_json(options.out / "quality.json", summary)
     plot(summary, options.out / "quality.png")
+    (options.out / "quality.md").write_text(format_markdown(summary))
     print(format_table(summary))
     print(f"\nJSON: {options.out / 'quality.json'}  plot: {options.out / 'quality.png'}")
     return 0
@@ -281,10 +287,11 @@ def summarise(options, units: list) -> dict:
                "tokens_per_second": statistics.median(u["tokens_per_second"] for u in mine),
                "train_seconds": statistics.mean(u["train_seconds"] for u in mine),
                "curve": _mean_curve([u["curve"] for u in mine])}
-        for split in ("valid", "test", "heldout"):
+        for split in SPLITS:
             ppls = [u["ppl"][split] for u in mine]
             row[split] = {"ppl_mean": statistics.mean(ppls), "ppl_min": min(ppls),
-                          "ppl_max": max(ppls), "ppl": ppls}
+                          "ppl_max": max(ppls), "ppl": ppls,
+                          "loss_mean": statistics.mean(math.log(p) for p in ppls)}
         variants.append(row)
     shape = options.shape
     return {"command": "python bench/quality.py " + " ".join(sys.argv[1:]),
@@ -307,12 +314,33 @@ def format_table(summary: dict) -> str:
     rows = [header]
     for v in summary["variants"]:
         rows.append((v["variant"], f"{v['parameters'] / 1e6:.2f}M",
-                     *(_spread(v[s]) for s in ("valid", "test", "heldout")),
+                     *(_spread(v[s]) for s in SPLITS),
                      f"{v['tokens_per_second']:.0f}", f"{v['train_seconds']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def format_markdown(summary: dict) -> str:
+    """The table as markdown, with each split's loss gap to gpt-L/2 and to gpt-L (nats/token,
+    means over seeds; negative = better)."""
+    by_name = {v["variant"]: v for v in summary["variants"]}
+    lines = ["| variant | parameters | valid ppl | test ppl | held-out ppl | vs gpt-L/2 "
+             "(valid / test / held-out, nats) | vs gpt-L | train tok/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in summary["variants"]:
+        lines.append(f"| {v['variant']} | {v['parameters']:,} | " +
+                     " | ".join(_spread(v[s]) for s in SPLITS) +
+                     f" | {_gaps(v, by_name.get('gpt-L/2'))} | {_gaps(v, by_name.get('gpt-L'))}"
+                     f" | {v['tokens_per_second']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _gaps(row: dict, other) -> str:
+    if other is None or other is row:
+        return "-"
+    return " / ".join(f"{row[s]['loss_mean'] - other[s]['loss_mean']:+.4f}" for s in SPLITS)
 
 
 def _spread(cell: dict) -> str:

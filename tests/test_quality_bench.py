@@ -105,3 +105,19 @@ def test_a_resumed_run_refuses_other_settings(quality, tmp_path):
 def test_odd_depth_is_refused(quality):
     with pytest.raises(SystemExit):
         quality.parse_args(["--layers", "3"])
+
+
+def test_markdown_gaps_are_mean_loss_differences(quality, tmp_path):
+    options = SimpleNamespace(variants=["gpt-L", "gpt-L/2", "stag-sep"], heldout=[tmp_path],
+                              shape=dict(quality.PRESETS["smoke"]))
+    (tmp_path / "x.py").write_text("x")
+    e = math.exp
+    units = [unit("gpt-L", 1, e(3.0), e(3.0), e(4.0), []),
+             unit("gpt-L", 2, e(3.2), e(3.0), e(4.0), []),
+             unit("gpt-L/2", 1, e(3.5), e(3.1), e(4.2), []),
+             unit("gpt-L/2", 2, e(3.5), e(3.1), e(4.2), []),
+             unit("stag-sep", 1, e(3.2), e(3.0), e(4.1), []),
+             unit("stag-sep", 2, e(3.2), e(3.0), e(4.1), [])]
+    table = quality.format_markdown(quality.summarise(options, units))
+    stag = next(line for line in table.splitlines() if line.startswith("| stag-sep "))
+    assert "| -0.3000 / -0.1000 / -0.1000 | +0.1000 / +0.0000 / +0.1000 |" in stag
