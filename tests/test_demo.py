@@ -1,4 +1,4 @@
-"""`stag demo --size small`: the main job end to end (corpus -> tokenizer -> datasets -> four
+"""`stag demo --size small`: the main job end to end (corpus -> tokenizer -> datasets -> five
 trainings -> table, samples, report.md, results.json, PNG, checkpoints) in about a minute."""
 
 import json
@@ -29,16 +29,17 @@ def expected_parameters(name: str, hidden: int, vocab: int, layers: int) -> int:
     if name.startswith("gpt-"):
         depth = int(name[4:-1])
         return vocab * h + depth * layer + 2 * h
-    if name.endswith("-separate"):
+    if "-separate" in name:
         return vocab * h + layers * layer + layers // 2 * cross + 2 * 2 * h + h
     return vocab * h + layers // 2 * (layer + cross) + 2 * h + h  # shared stack, null slot
 
 
-def test_demo_trains_four_models_and_writes_a_report(small_demo):
+def test_demo_trains_five_models_and_writes_a_report(small_demo):
     out, results = small_demo
     size = demo.SIZES["small"]
     names = [m["name"] for m in results["models"]]
-    assert names == [name for name, _ in demo.model_variants(size["layers"])]
+    assert names == [name for name, _ in demo.model_variants(size["layers"], size["window"])]
+    assert len(names) == 5 and names[-1] == f"stag-2x{size['layers'] // 2}-separate-w8"
     for model in results["models"]:
         assert math.isfinite(model["valid_loss"])
         assert model["valid_loss"] < math.log(size["vocab_size"])  # it learned something
@@ -60,7 +61,7 @@ def test_demo_trains_four_models_and_writes_a_report(small_demo):
 
 def test_every_model_sees_the_same_data(small_demo):
     """Same token budget and data order: step-1 losses of identical-init models would match;
-    here we check the recorded budget and consumed samples agree across the four runs."""
+    here we check the recorded budget and consumed samples agree across the five runs."""
     _, results = small_demo
     consumed = {m["name"]: [h["consumed_samples"] for h in m["history"] if "lr" in h]
                 for m in results["models"]}
@@ -77,3 +78,19 @@ def test_demo_checkpoints_evaluate_to_the_reported_loss(small_demo, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     loss = float(line.split("valid loss ")[1].split()[0])
     assert loss == pytest.approx(model["valid_loss"], abs=1e-4)
+
+
+def _result(name, loss):
+    return demo.ModelResult(name=name, flags=[], parameters=0, valid_loss=loss,
+                            valid_ppl=math.exp(loss), tokens_per_second=1.0, train_seconds=1.0,
+                            history=[], samples=[], checkpoint="")
+
+
+def test_headline_says_how_much_of_the_depth_gap_each_stagformer_closes():
+    deep, shallow = _result("gpt-2L", 3.0), _result("gpt-1L", 3.2)
+    line = demo.headline([deep, shallow, _result("stag-a", 3.05), _result("stag-b", 3.25)])
+    assert "gpt-2L is ahead of gpt-1L" in line
+    assert "stag-a 21.12 (75% of the gap closed)" in line  # (3.2 - 3.05) / 0.2
+    assert "stag-b 25.79 (-25% of the gap closed)" in line
+    behind = demo.headline([_result("gpt-2L", 3.3), shallow, _result("stag-a", 3.1)])
+    assert "is not ahead of gpt-1L" in behind and "stag-a" not in behind
