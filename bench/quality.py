@@ -29,11 +29,19 @@ Variants (`--variants`; ablations change one StagFormer option at a time):
     stag-sep-window              separate, --stag-cross-attention-window (--window)
     stag-sep-learned             separate, --stag-output-combination learned
     stag-sep-norope              separate, --no-stag-cross-attention-rope
+    stag-sep-rawmemory           separate; the memory is the first section's output without its
+                                 final norm
+    stag-sep-fixednull           separate; the null memory slot stays zero (not learned)
+    stag-sep-zerocross           separate; every cross-attention output projection starts at 0
+The last three are choices the model does not offer as options: this script makes each change
+to the built StagGPTModel before training (ABLATIONS), for the experiment only; their
+checkpoints hold that changed model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -73,6 +81,9 @@ VARIANTS = {
                                   "--stag-output-combination", "learned"]),
     "stag-sep-norope": (2, 1.0, ["--stag-weight-sharing", "separate",
                                  "--no-stag-cross-attention-rope"]),
+    "stag-sep-rawmemory": (2, 1.0, ["--stag-weight-sharing", "separate"]),
+    "stag-sep-fixednull": (2, 1.0, ["--stag-weight-sharing", "separate"]),
+    "stag-sep-zerocross": (2, 1.0, ["--stag-weight-sharing", "separate"]),
 }
 DEFAULT_VARIANTS = ["gpt-L", "gpt-L/2", "stag-sep", "stag-shared"]
 HELDOUT_PACKAGES = ("numpy", "sympy")
@@ -172,7 +183,8 @@ def run_unit(options, variant: str, seed: int) -> dict:
 
     argv = train_flags(options, variant, seed)
     args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(), argv))
-    run = train.setup(args)
+    with ablated(variant):
+        run = train.setup(args)
     start = time.perf_counter()
     try:
         result = train.train_loop(run)
@@ -223,6 +235,55 @@ def windows(ids: list, seq_length: int) -> list:
                     "loss_mask": torch.ones(seq_length),
                     "position_ids": torch.arange(seq_length)})
     return out
+
+
+# ---------------------------------------------------------------------------- ablations
+
+
+def _raw_memory(model) -> None:
+    """Sections before the last end without their final norm (their output is only memory)."""
+    for block in model.sections:
+        seg = block.segment
+        if seg.ends_section and seg.section < model.config.num_sections - 1:
+            block.final_layernorm = torch.nn.Identity()
+
+
+def _fixed_null(model) -> None:
+    if hasattr(model, "null_memory"):
+        model.null_memory.requires_grad_(False)  # stays at its zero initialisation
+
+
+def _zero_cross(model) -> None:
+    for name, param in model.named_parameters():
+        if ".cross_attention.linear_proj." in name:
+            param.data.zero_()
+
+
+ABLATIONS = {"stag-sep-rawmemory": _raw_memory, "stag-sep-fixednull": _fixed_null,
+             "stag-sep-zerocross": _zero_cross}
+
+
+@contextlib.contextmanager
+def ablated(variant: str):
+    """While building the unit's model: StagGPTModel with the variant's change applied at the
+    end of its construction (before Megatron's DDP and optimizer see its parameters)."""
+    change = ABLATIONS.get(variant)
+    if change is None:
+        yield
+        return
+    from stag_plugin.core.model import StagGPTModel
+
+    original = StagGPTModel.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        change(self)
+
+    StagGPTModel.__init__ = init
+    try:
+        yield
+    finally:
+        StagGPTModel.__init__ = original
 
 
 # ---------------------------------------------------------------------------- held-out text

@@ -121,3 +121,34 @@ def test_markdown_gaps_are_mean_loss_differences(quality, tmp_path):
     table = quality.format_markdown(quality.summarise(options, units))
     stag = next(line for line in table.splitlines() if line.startswith("| stag-sep "))
     assert "| -0.3000 / -0.1000 / -0.1000 | +0.1000 / +0.0000 / +0.1000 |" in stag
+
+
+def test_each_ablation_changes_the_built_model_and_only_while_building(quality):
+    """The three experiment-only changes act on a StagGPTModel built inside `ablated`, and a
+    model built afterwards is the plugin's own again."""
+    import torch
+
+    from stag_plugin import StagGPTModel
+
+    from stag_testing import VOCAB, tiny_config
+
+    def build():
+        return StagGPTModel(tiny_config(), vocab_size=VOCAB, max_sequence_length=32)
+
+    with quality.ablated("stag-sep-fixednull"):
+        frozen = build()
+    assert not frozen.null_memory.requires_grad
+    with quality.ablated("stag-sep-zerocross"):
+        zeroed = build()
+    cross = [p for n, p in zeroed.named_parameters() if ".cross_attention.linear_proj." in n]
+    assert cross and all(torch.count_nonzero(p) == 0 for p in cross)
+    with quality.ablated("stag-sep-rawmemory"):
+        raw = build()
+    first, last = raw.sections[0], raw.sections[-1]
+    assert isinstance(first.final_layernorm, torch.nn.Identity)
+    assert not isinstance(last.final_layernorm, torch.nn.Identity)
+    plain = build()
+    assert plain.null_memory.requires_grad
+    assert not isinstance(plain.sections[0].final_layernorm, torch.nn.Identity)
+    assert all(torch.count_nonzero(p) > 0 for n, p in plain.named_parameters()
+               if ".cross_attention.linear_proj.weight" in n)
