@@ -353,7 +353,9 @@ def _sampling_label() -> str:
 def _depth(result: ModelResult) -> str:
     layers = result.flags[result.flags.index("--num-layers") + 1]
     sections = int(result.flags[result.flags.index("--stag-num-sections") + 1])
-    return f"{layers} layers" if sections == 1 else f"{sections} x {int(layers) // sections}"
+    if sections > 1:
+        return f"{sections} x {int(layers) // sections}"
+    return f"{layers} layer" + ("" if layers == "1" else "s")
 
 
 def _fresh_folder(path: Path) -> None:
