@@ -47,7 +47,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -55,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stag_plugin.training import arguments  # noqa: E402
-from stag_plugin.training.demo import FIXED_FLAGS, machine  # noqa: E402
+from stag_plugin.training.demo import machine, size_flags, train_in_process  # noqa: E402
 
 PRESETS = {
     "default": dict(layers=2, hidden_size=128, num_attention_heads=4, seq_length=128,
@@ -163,15 +162,9 @@ def train_flags(options, variant: str, seed: int) -> list:
     layers = int(shape["layers"] * depth)
     flags = [
         "--num-layers", layers, "--stag-num-sections", sections,
-        "--hidden-size", shape["hidden_size"], "--num-attention-heads",
-        shape["num_attention_heads"], "--seq-length", shape["seq_length"],
-        "--micro-batch-size", shape["micro_batch_size"], "--train-iters", shape["train_iters"],
-        "--lr", shape["lr"], "--min-lr", shape["min_lr"], "--lr-warmup-iters",
-        shape["lr_warmup_iters"], "--eval-interval", shape["eval_interval"], "--eval-iters",
-        shape["eval_iters"], "--log-interval", 10, "--vocab-size", shape["vocab_size"],
-        "--seed", seed, "--data-cache-dir", options.data_cache_dir,
+        *size_flags(shape, seed, options.data_cache_dir, log_interval=10),
         "--save", options.out / "checkpoints" / f"{variant.replace('/', '_')}-s{seed}",
-        "--overwrite", *FIXED_FLAGS, *[f.format(window=shape["window"]) for f in extra],
+        "--overwrite", *[f.format(window=shape["window"]) for f in extra],
     ]
     if options.no_progress:
         flags.append("--no-progress")
@@ -183,14 +176,7 @@ def run_unit(options, variant: str, seed: int) -> dict:
 
     argv = train_flags(options, variant, seed)
     args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(), argv))
-    with ablated(variant):
-        run = train.setup(args)
-    start = time.perf_counter()
-    try:
-        result = train.train_loop(run)
-    finally:
-        run.log.close()
-    seconds = time.perf_counter() - start
+    run, result, seconds = train_in_process(args, ablated(variant))
     losses = {split: split_loss(run, split) for split in ("valid", "test")}
     losses["heldout"] = heldout_loss(run, options)
     return {

@@ -114,27 +114,20 @@ def stag_flags(layers: int, sharing: str) -> list:
 
 
 def convert(gpt: Path, out: Path, recipe: str, sharing: str) -> Path:
-    from stag_plugin import convert as stag_convert
+    from stag_plugin import cli
 
     argv = ["from-gpt", "--load", str(gpt), "--out", str(out), "--recipe", recipe,
             "--stag-num-sections", "2", "--stag-weight-sharing", sharing, "--no-progress"]
-    if stag_convert.main(argv) != 0:
+    if cli.main(["convert", *argv]) != 0:
         raise SystemExit(f"stag convert {' '.join(argv)} failed")
     return out
 
 
 def train_flags(name: str, model_flags: list, size: dict, options, load=None) -> list:
-    from stag_plugin.training.demo import FIXED_FLAGS  # the demo's values beyond its sizes
+    from stag_plugin.training.demo import size_flags  # the demo's values beyond its sizes
 
-    flags = [*FIXED_FLAGS,
-        "--hidden-size", size["hidden_size"], "--num-attention-heads",
-        size["num_attention_heads"], "--seq-length", size["seq_length"],
-        "--micro-batch-size", size["micro_batch_size"], "--train-iters", size["train_iters"],
-        "--lr", size["lr"], "--min-lr", size["min_lr"], "--lr-warmup-iters",
-        size["lr_warmup_iters"], "--eval-interval", size["eval_interval"], "--eval-iters",
-        size["eval_iters"], "--log-interval", 10, "--vocab-size", size["vocab_size"],
-        "--seed", options.seed, "--data-cache-dir", options.data_cache_dir,
-        "--save", options.out / "checkpoints" / name, "--no-progress", *model_flags]
+    flags = [*size_flags(size, options.seed, options.data_cache_dir, log_interval=10),
+             "--save", options.out / "checkpoints" / name, "--no-progress", *model_flags]
     if load is not None:
         flags += ["--load", load, "--finetune"]
     return [str(flag) for flag in flags]

@@ -21,7 +21,7 @@ COMMANDS = {
     "generate": ("stag_plugin.generate", "stream a checkpoint's continuation of a prompt"),
     "convert": ("stag_plugin.convert", "to-inference | reshard | from-gpt (upcycling)"),
     "demo": ("stag_plugin.training.demo",
-             "four models on the embedded corpus, compared in a report (`make demo`)"),
+             "five models on the embedded corpus, compared in a report (`make demo`)"),
 }
 
 

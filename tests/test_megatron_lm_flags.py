@@ -515,8 +515,8 @@ PRESETS = {
 }
 DEMO = {
     "default": dict(KEPT, hidden_size=128, num_attention_heads=4, seq_length=128,
-                    micro_batch_size=16, train_iters=440, lr=2e-3, min_lr=2e-4,
-                    lr_warmup_iters=44, eval_interval=110, eval_iters=8, vocab_size=4096,
+                    micro_batch_size=16, train_iters=1200, lr=2e-3, min_lr=2e-4,
+                    lr_warmup_iters=60, eval_interval=150, eval_iters=8, vocab_size=2048,
                     log_interval=1, seed=1234),
     "small": dict(KEPT, hidden_size=64, num_attention_heads=4, seq_length=64,
                   micro_batch_size=4, train_iters=12, lr=3e-3, min_lr=3e-4, lr_warmup_iters=2,
@@ -539,7 +539,8 @@ def test_presets_keep_their_values(preset):
 def test_the_demo_keeps_its_values(size, tmp_path):
     options = argparse.Namespace(seed=1234, data_cache_dir=tmp_path, out=tmp_path,
                                  data_path=None, no_progress=True)
-    for name, flags in demo.model_variants(demo.SIZES[size]["layers"]):
+    for name, flags in demo.model_variants(demo.SIZES[size]["layers"],
+                                           demo.SIZES[size]["window"]):
         argv = demo.train_flags(name, flags, demo.SIZES[size], options)
         args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(), argv))
         arguments.check_trainable(args)

@@ -19,6 +19,7 @@ results.json, valid_loss.png and one checkpoint per model (usable with `stag eva
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -139,17 +140,23 @@ def model_variants(layers: int, window: Optional[int] = None) -> list:
     ] + windowed
 
 
-def train_flags(name: str, flags: list, size: dict, options) -> list:
-    """The full `stag train` command line of one variant (recorded in results.json)."""
-    common = [
+def size_flags(size: dict, seed: int, data_cache_dir, log_interval: int = 1) -> list:
+    """`stag train` flags of a SIZES-shaped dict (widths, budget, schedule, evaluation,
+    vocabulary; not the depth), the seed and the data cache, plus FIXED_FLAGS."""
+    return [
         "--hidden-size", size["hidden_size"], "--num-attention-heads", size["num_attention_heads"],
         "--seq-length", size["seq_length"], "--micro-batch-size", size["micro_batch_size"],
         "--train-iters", size["train_iters"], "--lr", size["lr"], "--min-lr", size["min_lr"],
         "--lr-warmup-iters", size["lr_warmup_iters"], "--eval-interval", size["eval_interval"],
-        "--eval-iters", size["eval_iters"], "--log-interval", 1, "--vocab-size",
-        size["vocab_size"], "--seed", options.seed, "--data-cache-dir", options.data_cache_dir,
-        "--save", options.out / "checkpoints" / name, *FIXED_FLAGS,
+        "--eval-iters", size["eval_iters"], "--log-interval", log_interval, "--vocab-size",
+        size["vocab_size"], "--seed", seed, "--data-cache-dir", data_cache_dir, *FIXED_FLAGS,
     ]
+
+
+def train_flags(name: str, flags: list, size: dict, options) -> list:
+    """The full `stag train` command line of one variant (recorded in results.json)."""
+    common = [*size_flags(size, options.seed, options.data_cache_dir),
+              "--save", options.out / "checkpoints" / name]
     if options.data_path:
         common += ["--data-path", *options.data_path]
     for flag in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file"):
@@ -166,13 +173,7 @@ def train_variant(name: str, flags: list, size: dict, options) -> ModelResult:
     argv = train_flags(name, flags, size, options)
     args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(), argv))
     _fresh_folder(args.save)  # (only inside --out, which --overwrite allowed)
-    run = train.setup(args)
-    start = time.perf_counter()
-    try:
-        result = train.train_loop(run)
-    finally:
-        run.log.close()
-    seconds = time.perf_counter() - start
+    run, result, seconds = train_in_process(args)
     null = getattr(options, "tokenizer_type", None) == "NullTokenizer"
     prompts = NULL_PROMPTS if null else PROMPTS
     samples = [continuations(run, prompt, options.sample_tokens, options.seed)
@@ -181,6 +182,21 @@ def train_variant(name: str, flags: list, size: dict, options) -> ModelResult:
                        valid_loss=result.valid_loss, valid_ppl=math.exp(result.valid_loss),
                        tokens_per_second=result.tokens_per_second, train_seconds=seconds,
                        history=result.history, samples=samples, checkpoint=str(args.save))
+
+
+def train_in_process(args, building=None):
+    """`stag train` with parsed `args` in this process: (run, TrainResult, seconds of the
+    training loop). `building`: a context manager held while the model is built."""
+    from stag_plugin.training import train
+
+    with building or contextlib.nullcontext():
+        run = train.setup(args)
+    start = time.perf_counter()
+    try:
+        result = train.train_loop(run)
+    finally:
+        run.log.close()
+    return run, result, time.perf_counter() - start
 
 
 def continuations(run, prompt: str, new_tokens: int, seed: int) -> dict:
