@@ -191,11 +191,16 @@ def run_unit(options, variant: str, seed: int) -> dict:
 
 
 def split_loss(run, split: str) -> float:
-    """Mean loss per token over the whole validation or test split."""
+    """Mean loss per token over the whole validation or test split (prepared again if another
+    job re-prepared the shared data cache for other data since this unit started)."""
     from stag_plugin.training import train
     from stag_plugin.training.evaluate import split_dataset
 
-    dataset = split_dataset(run.args, run.data, run.tokenizer, split)
+    data, tokenizer = train.prepare_tokenized_data(run.args)
+    if data.key != run.data.key:
+        sys.exit(f"error: the data under {run.args.data_cache_dir} changed during the unit. "
+                 "Fix: give this run its own --data-cache-dir, and rerun (finished units stay)")
+    dataset = split_dataset(run.args, data, tokenizer, split)
     return train.evaluate(run.model, dataset, run.args)
 
 
