@@ -142,8 +142,13 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------- one unit
 
 
+def unit_name(variant: str, seed: int) -> str:
+    """The unit's file and checkpoint name ("gpt-L/2" -> "gpt-L_2-s1234")."""
+    return f"{variant.replace('/', '_')}-s{seed}"
+
+
 def unit_path(options, variant: str, seed: int) -> Path:
-    return options.out / "units" / f"{variant.replace('/', '_')}-s{seed}.json"
+    return options.out / "units" / f"{unit_name(variant, seed)}.json"
 
 
 def check_settings(options) -> None:
@@ -163,7 +168,7 @@ def train_flags(options, variant: str, seed: int) -> list:
     flags = [
         "--num-layers", layers, "--stag-num-sections", sections,
         *size_flags(shape, seed, options.data_cache_dir, log_interval=10),
-        "--save", options.out / "checkpoints" / f"{variant.replace('/', '_')}-s{seed}",
+        "--save", options.out / "checkpoints" / unit_name(variant, seed),
         "--overwrite", *[f.format(window=shape["window"]) for f in extra],
     ]
     if options.no_progress:
@@ -280,19 +285,20 @@ def ablated(variant: str):
 # ---------------------------------------------------------------------------- held-out text
 
 
+def heldout_roots(options) -> list:
+    """The --heldout paths, or the installed held-out packages' folders."""
+    return options.heldout or [_package_dir(name) for name in HELDOUT_PACKAGES]
+
+
 def heldout_files(options) -> list:
-    """Files of the held-out corpus, in a fixed order; packages share it evenly."""
-    if options.heldout:
-        groups = [_text_files(path) for path in options.heldout]
-    else:
-        groups = [_text_files(_package_dir(name)) for name in HELDOUT_PACKAGES]
-    return [path for group in groups for path in group]
+    """Files of the held-out corpus, in a fixed order; the roots share it evenly."""
+    return [path for root in heldout_roots(options) for path in _text_files(root)]
 
 
 def heldout_ids(tokenizer, options) -> list:
     """`heldout_tokens` token ids, an even share from each --heldout path (or package); a
     document ends with the tokenizer's end-of-document token."""
-    roots = options.heldout or [_package_dir(n) for n in HELDOUT_PACKAGES]
+    roots = heldout_roots(options)
     share = options.shape["heldout_tokens"] // len(roots)
     ids = []
     for root in roots:

@@ -12,7 +12,7 @@ Corpus (the Python standard library) -> SentencePiece tokenizer -> Megatron inde
 perplexity and training tokens/s, greedy and sampled continuations, and in --out: report.md,
 results.json, valid_loss.png and one checkpoint per model (usable with `stag eval --load`).
 
-    stag demo                      # about 12 minutes on a 2-core CPU
+    stag demo                      # about 11 minutes on a 2-core CPU
     stag demo --size small         # a minute: the same pipeline at toy sizes (used by the tests)
 """
 
@@ -127,17 +127,15 @@ def model_variants(layers: int, window: Optional[int] = None) -> list:
     """(name, --stag-* and depth flags) of the compared models: four, and with `window` a fifth,
     the separate-weights StagFormer whose cross-attention sees the last `window` memory slots."""
     half = layers // 2
-    windowed = [(f"stag-2x{half}-separate-w{window}", [
-        "--num-layers", str(layers), "--stag-num-sections", "2", "--stag-weight-sharing",
-        "separate", "--stag-cross-attention-window", str(window)])] if window else []
+    stag = ["--num-layers", str(layers), "--stag-num-sections", "2", "--stag-weight-sharing"]
+    windowed = [(f"stag-2x{half}-separate-w{window}",
+                 [*stag, "separate", "--stag-cross-attention-window", str(window)])]
     return [
         (f"gpt-{layers}L", ["--num-layers", str(layers), "--stag-num-sections", "1"]),
         (f"gpt-{half}L", ["--num-layers", str(half), "--stag-num-sections", "1"]),
-        (f"stag-2x{half}-separate", ["--num-layers", str(layers), "--stag-num-sections", "2",
-                                     "--stag-weight-sharing", "separate"]),
-        (f"stag-2x{half}-shared", ["--num-layers", str(layers), "--stag-num-sections", "2",
-                                   "--stag-weight-sharing", "shared"]),
-    ] + windowed
+        (f"stag-2x{half}-separate", [*stag, "separate"]),
+        (f"stag-2x{half}-shared", [*stag, "shared"]),
+    ] + (windowed if window else [])
 
 
 def size_flags(size: dict, seed: int, data_cache_dir, log_interval: int = 1) -> list:
