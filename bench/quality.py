@@ -25,17 +25,23 @@ summary (mean and spread over seeds per variant) is printed as a table and writt
 
 Variants (`--variants`; ablations change one StagFormer option at a time):
     gpt-L, gpt-L/2               plain GPTs
-    stag-sep, stag-shared        2 x L/2, separate or shared weights (the plugin's defaults)
-    stag-sep-window              separate, --stag-cross-attention-window (--window)
-    stag-sep-learned             separate, --stag-output-combination learned
-    stag-sep-norope              separate, --no-stag-cross-attention-rope
-    stag-sep-rawmemory           separate; the memory is the first section's output without its
-                                 final norm
-    stag-sep-fixednull           separate; the null memory slot stays zero (not learned)
-    stag-sep-zerocross           separate; every cross-attention output projection starts at 0
-The last three are choices the model does not offer as options: this script makes each change
-to the built StagGPTModel before training (ABLATIONS), for the experiment only; their
-checkpoints hold that changed model.
+    stag-sep, stag-shared        2 x L/2, separate or shared weights, with the base of the
+                                 ablations: normalised memory and Megatron's initialisation of
+                                 the cross-attention output (BASE_CHOICES)
+    stag-sep-window              stag-sep, --stag-cross-attention-window (--window)
+    stag-sep-learned             stag-sep, --stag-output-combination learned
+    stag-sep-norope              stag-sep, --no-stag-cross-attention-rope
+    stag-sep-rawmemory           stag-sep, --no-stag-memory-norm (the memory is the first
+                                 section's output before any norm)
+    stag-sep-zerocross           stag-sep, --stag-cross-attention-zero-init
+    stag-sep-fixednull           stag-sep; the null memory slot stays zero (not learned)
+    stag-shared-rawmemory        stag-shared, --no-stag-memory-norm (with stag-sep-rawmemory:
+                                 the plugin's defaults)
+    stag-sep-rawzero,            raw memory and a zero-initialised cross-attention output,
+    stag-shared-rawzero          separate or shared weights
+A fixed null slot is not a model option: this script makes that change to the built
+StagGPTModel before training (ABLATIONS), for the experiment only; its checkpoints hold the
+changed model.
 """
 
 from __future__ import annotations
@@ -68,21 +74,27 @@ PRESETS = {
 }
 SHAPE_KEYS = tuple(PRESETS["default"])
 
+MEMORY_NORM, ZERO_INIT = "--stag-memory-norm", "--stag-cross-attention-zero-init"
+BASE_CHOICES = [MEMORY_NORM, "--no-stag-cross-attention-zero-init"]
+RAW_MEMORY = ["--no-stag-memory-norm", "--no-stag-cross-attention-zero-init"]
+SEPARATE, SHARED = ["--stag-weight-sharing", "separate"], ["--stag-weight-sharing", "shared"]
 VARIANTS = {
     # name: (sections, depth relative to L, extra --stag-* flags)
     "gpt-L": (1, 1.0, []),
     "gpt-L/2": (1, 0.5, []),
-    "stag-sep": (2, 1.0, ["--stag-weight-sharing", "separate"]),
-    "stag-shared": (2, 1.0, ["--stag-weight-sharing", "shared"]),
-    "stag-sep-window": (2, 1.0, ["--stag-weight-sharing", "separate",
-                                 "--stag-cross-attention-window", "{window}"]),
-    "stag-sep-learned": (2, 1.0, ["--stag-weight-sharing", "separate",
-                                  "--stag-output-combination", "learned"]),
-    "stag-sep-norope": (2, 1.0, ["--stag-weight-sharing", "separate",
-                                 "--no-stag-cross-attention-rope"]),
-    "stag-sep-rawmemory": (2, 1.0, ["--stag-weight-sharing", "separate"]),
-    "stag-sep-fixednull": (2, 1.0, ["--stag-weight-sharing", "separate"]),
-    "stag-sep-zerocross": (2, 1.0, ["--stag-weight-sharing", "separate"]),
+    "stag-sep": (2, 1.0, SEPARATE + BASE_CHOICES),
+    "stag-shared": (2, 1.0, SHARED + BASE_CHOICES),
+    "stag-sep-window": (2, 1.0, SEPARATE + BASE_CHOICES
+                        + ["--stag-cross-attention-window", "{window}"]),
+    "stag-sep-learned": (2, 1.0, SEPARATE + BASE_CHOICES
+                         + ["--stag-output-combination", "learned"]),
+    "stag-sep-norope": (2, 1.0, SEPARATE + BASE_CHOICES + ["--no-stag-cross-attention-rope"]),
+    "stag-sep-rawmemory": (2, 1.0, SEPARATE + RAW_MEMORY),
+    "stag-sep-zerocross": (2, 1.0, SEPARATE + [MEMORY_NORM, ZERO_INIT]),
+    "stag-sep-fixednull": (2, 1.0, SEPARATE + BASE_CHOICES),
+    "stag-shared-rawmemory": (2, 1.0, SHARED + RAW_MEMORY),
+    "stag-sep-rawzero": (2, 1.0, SEPARATE + ["--no-stag-memory-norm", ZERO_INIT]),
+    "stag-shared-rawzero": (2, 1.0, SHARED + ["--no-stag-memory-norm", ZERO_INIT]),
 }
 DEFAULT_VARIANTS = ["gpt-L", "gpt-L/2", "stag-sep", "stag-shared"]
 HELDOUT_PACKAGES = ("numpy", "sympy")
@@ -236,27 +248,12 @@ def windows(ids: list, seq_length: int) -> list:
 # ---------------------------------------------------------------------------- ablations
 
 
-def _raw_memory(model) -> None:
-    """Sections before the last end without their final norm (their output is only memory)."""
-    for block in model.sections:
-        seg = block.segment
-        if seg.ends_section and seg.section < model.config.num_sections - 1:
-            block.final_layernorm = torch.nn.Identity()
-
-
 def _fixed_null(model) -> None:
     if hasattr(model, "null_memory"):
         model.null_memory.requires_grad_(False)  # stays at its zero initialisation
 
 
-def _zero_cross(model) -> None:
-    for name, param in model.named_parameters():
-        if ".cross_attention.linear_proj." in name:
-            param.data.zero_()
-
-
-ABLATIONS = {"stag-sep-rawmemory": _raw_memory, "stag-sep-fixednull": _fixed_null,
-             "stag-sep-zerocross": _zero_cross}
+ABLATIONS = {"stag-sep-fixednull": _fixed_null}
 
 
 @contextlib.contextmanager

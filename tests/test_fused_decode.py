@@ -60,6 +60,8 @@ FIXED = [
     dict(num_sections=3, cross_attention_window=3, num_query_groups=2,
          output_combination="learned"),
     dict(num_sections=3, weight_sharing="shared", cross_attention_window=2),
+    dict(num_sections=3, weight_sharing="shared", memory_norm=True),
+    dict(num_sections=3, output_combination="learned", memory_norm=True),
     dict(num_sections=2, position_embedding_type="learned_absolute", cross_attention_rope=False,
          gated_linear_unit=True),
 ]

@@ -53,6 +53,9 @@ VARIANTS = {
                                output_combination="learned"),
     "p3_shared_window2_learned": dict(num_sections=3, num_layers=6, weight_sharing="shared",
                                       cross_attention_window=2, output_combination="learned"),
+    "p3_raw_memory_learned": dict(num_sections=3, num_layers=3, memory_norm=False,
+                                  output_combination="learned"),
+    "p2_shared_raw_memory": dict(weight_sharing="shared", memory_norm=False),
     "gqa_rmsnorm_swiglu_nobias": dict(num_query_groups=2, normalization="RMSNorm",
                                       gated_linear_unit=True, activation="silu",
                                       linear_bias=False, qkv_bias=False, rotary_percent=0.5),
@@ -60,8 +63,9 @@ VARIANTS = {
                                      tie_embeddings=False, cross_attention_rope=False),
 }
 GENERATE_VARIANTS = ["p1_gpt", "p2_separate", "p3_shared_window2_learned",
-                     "learned_positions_untied"]
+                     "learned_positions_untied", "p3_raw_memory_learned", "p2_shared_raw_memory"]
 PADDING_VARIANTS = ["p2_shared", "p3_window1_learned", "p3_shared_window2_learned",
+                    "p3_raw_memory_learned",
                     "gqa_rmsnorm_swiglu_nobias", "learned_positions_untied"]
 
 

@@ -126,10 +126,13 @@ def test_full_memory_reaches_every_later_position():
     assert changed_positions(out[1], base[1]) == list(range(3, 10))
 
 
-def test_shared_weights_share_parameters_but_not_section_objects():
-    separate = build_model(tiny_config(num_sections=2))
-    shared2 = build_model(tiny_config(num_sections=2, weight_sharing="shared"))
-    shared3 = build_model(tiny_config(num_sections=3, weight_sharing="shared"))
+@pytest.mark.parametrize("memory_norm", [False, True])
+def test_shared_weights_share_parameters_but_not_section_objects(memory_norm):
+    separate = build_model(tiny_config(num_sections=2, memory_norm=memory_norm))
+    shared2 = build_model(tiny_config(num_sections=2, weight_sharing="shared",
+                                      memory_norm=memory_norm))
+    shared3 = build_model(tiny_config(num_sections=3, weight_sharing="shared",
+                                      memory_norm=memory_norm))
     # Shared = separate minus section 1's own stack; more sections add no parameters.
     expected = parameter_count(separate) - parameter_count(separate.sections[0])
     assert parameter_count(shared2) == expected
@@ -140,7 +143,10 @@ def test_shared_weights_share_parameters_but_not_section_objects():
         qkv = s[k].layers[0].self_attention.linear_qkv
         assert qkv.weight is s[0].layers[0].self_attention.linear_qkv.weight
         assert s[k].layers[1].mlp.linear_fc1.weight is s[0].layers[1].mlp.linear_fc1.weight
-        assert s[k].final_layernorm.weight is s[0].final_layernorm.weight
+    if memory_norm:  # one final norm, run by every section
+        assert all(b.final_layernorm.weight is s[0].final_layernorm.weight for b in s)
+    else:  # the last section's alone
+        assert [b.final_layernorm is None for b in s] == [True, True, False]
     kv = s[2].layers[0].cross_attention.linear_kv
     assert kv.weight is s[1].layers[0].cross_attention.linear_kv.weight
     assert not hasattr(s[0].layers[0].cross_attention, "linear_kv")  # section 1 has no cross-attn

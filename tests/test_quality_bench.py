@@ -123,11 +123,9 @@ def test_markdown_gaps_are_mean_loss_differences(quality, tmp_path):
     assert "| -0.3000 / -0.1000 / -0.1000 | +0.1000 / +0.0000 / +0.1000 |" in stag
 
 
-def test_each_ablation_changes_the_built_model_and_only_while_building(quality):
-    """The three experiment-only changes act on a StagGPTModel built inside `ablated`, and a
-    model built afterwards is the plugin's own again."""
-    import torch
-
+def test_the_fixed_null_ablation_acts_only_while_building(quality):
+    """The experiment-only change acts on a StagGPTModel built inside `ablated`, and a model
+    built afterwards is the plugin's own again."""
     from stag_plugin import StagGPTModel
 
     from stag_testing import VOCAB, tiny_config
@@ -138,17 +136,36 @@ def test_each_ablation_changes_the_built_model_and_only_while_building(quality):
     with quality.ablated("stag-sep-fixednull"):
         frozen = build()
     assert not frozen.null_memory.requires_grad
-    with quality.ablated("stag-sep-zerocross"):
-        zeroed = build()
-    cross = [p for n, p in zeroed.named_parameters() if ".cross_attention.linear_proj." in n]
-    assert cross and all(torch.count_nonzero(p) == 0 for p in cross)
-    with quality.ablated("stag-sep-rawmemory"):
-        raw = build()
-    first, last = raw.sections[0], raw.sections[-1]
-    assert isinstance(first.final_layernorm, torch.nn.Identity)
-    assert not isinstance(last.final_layernorm, torch.nn.Identity)
-    plain = build()
-    assert plain.null_memory.requires_grad
-    assert not isinstance(plain.sections[0].final_layernorm, torch.nn.Identity)
-    assert all(torch.count_nonzero(p) > 0 for n, p in plain.named_parameters()
-               if ".cross_attention.linear_proj.weight" in n)
+    assert build().null_memory.requires_grad
+
+
+# variant -> (weight sharing, memory_norm, cross_attention_zero_init, window, combination)
+EXPECTED_OPTIONS = {
+    "stag-sep": ("separate", True, False, None, "last"),
+    "stag-shared": ("shared", True, False, None, "last"),
+    "stag-sep-window": ("separate", True, False, 4, "last"),
+    "stag-sep-learned": ("separate", True, False, None, "learned"),
+    "stag-sep-fixednull": ("separate", True, False, None, "last"),
+    "stag-sep-rawmemory": ("separate", False, False, None, "last"),
+    "stag-sep-zerocross": ("separate", True, True, None, "last"),
+    "stag-shared-rawmemory": ("shared", False, False, None, "last"),
+    "stag-sep-rawzero": ("separate", False, True, None, "last"),
+    "stag-shared-rawzero": ("shared", False, True, None, "last"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(EXPECTED_OPTIONS))
+def test_each_variant_sets_its_options_explicitly(quality, variant, tmp_path, monkeypatch):
+    """A variant's flags fix every ablated option, whatever the plugin's defaults are."""
+    from stag_plugin.training import arguments, train
+
+    options = quality.parse_args(["--out", str(tmp_path), "--preset", "smoke"])
+    for _, _, kwargs in arguments.STAG_FLAGS:  # other defaults must not leak in
+        if isinstance(kwargs.get("default"), bool):
+            monkeypatch.setitem(kwargs, "default", not kwargs["default"])
+    argv = quality.train_flags(options, variant, 1234)
+    args = arguments.finalize_args(arguments.parse_with_preset(train.build_parser(), argv))
+    config = arguments.config_from_args(args)
+    got = (config.weight_sharing, config.memory_norm, config.cross_attention_zero_init,
+           config.cross_attention_window, config.output_combination)
+    assert got == EXPECTED_OPTIONS[variant]

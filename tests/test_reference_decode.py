@@ -36,14 +36,16 @@ LENGTH = 12  # tokens per test sequence
 PROMPTS = (1, 5)  # a single token, and longer than every window tested
 
 GRID = [dict(num_sections=1)] + [
-    dict(num_sections=p, weight_sharing=w, cross_attention_window=win)
-    for p, w, win in itertools.product((2, 3), ("separate", "shared"), (1, 3, None))
+    dict(num_sections=p, weight_sharing=w, cross_attention_window=win, memory_norm=norm)
+    for p, w, win, norm in itertools.product((2, 3), ("separate", "shared"), (1, 3, None),
+                                             (True, False))
 ]
 EXTRA = [
     dict(num_sections=2, num_query_groups=2),  # GQA
     dict(num_sections=3, num_query_groups=1, weight_sharing="shared", cross_attention_window=2,
          output_combination="learned"),
     dict(num_sections=3, output_combination="learned", cross_attention_window=3),
+    dict(num_sections=3, output_combination="learned", memory_norm=False),
     dict(num_sections=2, position_embedding_type="learned_absolute", cross_attention_rope=False),
     dict(num_sections=2, cross_attention_rope=False),
     dict(num_sections=2, normalization="RMSNorm", linear_bias=False, qkv_bias=False),
@@ -111,6 +113,8 @@ STEP_VARIANTS = [
          output_combination="learned"),
     dict(num_sections=3, weight_sharing="shared", cross_attention_window=1,
          output_combination="learned"),
+    dict(num_sections=3, output_combination="learned", memory_norm=False),
+    dict(num_sections=3, weight_sharing="shared", memory_norm=False),
     dict(num_sections=2, position_embedding_type="learned_absolute", cross_attention_rope=False,
          normalization="RMSNorm", gated_linear_unit=True, activation="silu"),
 ]
@@ -180,13 +184,15 @@ def test_greedy_tokens_match_teacher_forced_argmax(variant):
         assert torch.equal(new, argmax), f"seed {seed}, mode {mode}"
 
 
-def test_recurrent_mode_reads_its_own_outputs():
+@pytest.mark.parametrize("memory_norm", [True, False])
+def test_recurrent_mode_reads_its_own_outputs(memory_norm):
     """Recurrent decode against its definition computed with the reference's Stack: the last
     section over tokens 0..t with memory [null, section p-1's outputs over the prompt, its own
-    outputs at the generated tokens]."""
+    outputs at the generated tokens (before its final norm, without memory_norm)]."""
     seed = fresh_seed()
     model = tiny_reference(seed % 1000, num_sections=3, weight_sharing="shared",
-                           cross_attention_window=3, output_combination="learned")
+                           cross_attention_window=3, output_combination="learned",
+                           memory_norm=memory_norm)
     tokens, _ = random_tokens(2, 9, seed)
     prompt = 3
     expected = recurrent_by_definition(model, tokens, prompt)
@@ -207,11 +213,13 @@ def recurrent_by_definition(model, tokens, prompt):
         pos = torch.arange(t + 1)
         causal = pos[None, :] <= pos[:, None]
         window = causal & (pos[None, :] > pos[:, None] - cfg.cross_attention_window)
-        out = model.stack(cfg.num_sections - 1)(
+        raw = model.stack(cfg.num_sections - 1)(
             x[:, :t + 1], causal, _angles(cfg, pos), memory[:, :t + 1], window,
             (_angles(cfg, pos + 1), _angles(cfg, pos)))
+        out = model.stack(0).ln_out(raw)
         logits.append(model.head(out[:, -1]))
-        memory = torch.cat([memory, out[:, -1:]], dim=1)  # own output at t -> slot t + 1
+        own = out if cfg.memory_norm else raw
+        memory = torch.cat([memory, own[:, -1:]], dim=1)  # own output at t -> slot t + 1
     return torch.stack(logits, dim=1)
 
 
@@ -229,6 +237,10 @@ MEGATRON_CASES = [  # (config overrides, modes)
     (dict(num_sections=2, num_query_groups=2, gated_linear_unit=True),
      ("sequential", "batched")),
     (dict(num_sections=2, weight_sharing="shared"), ("sequential", "batched", "recurrent")),
+    (dict(num_sections=2, weight_sharing="shared", memory_norm=True),
+     ("sequential", "batched", "recurrent")),
+    (dict(num_sections=3, memory_norm=True, output_combination="learned"),
+     ("sequential", "batched")),
     (dict(num_sections=3, weight_sharing="shared", cross_attention_window=2,
           output_combination="learned"), ("sequential", "batched", "recurrent")),
     (dict(num_sections=3, output_combination="learned", position_embedding_type=

@@ -21,9 +21,10 @@ from stag_testing import (
 )
 
 GRID = [
-    dict(num_sections=p, weight_sharing=w, cross_attention_window=win, output_combination=c)
-    for p, w, win, c in itertools.product((2, 3), ("separate", "shared"), (1, 3, None),
-                                          ("last", "learned"))
+    dict(num_sections=p, weight_sharing=w, cross_attention_window=win, output_combination=c,
+         memory_norm=norm)
+    for p, w, win, c, norm in itertools.product((2, 3), ("separate", "shared"), (1, 3, None),
+                                                ("last", "learned"), (False, True))
 ]
 EXTRA = [
     dict(num_sections=1),

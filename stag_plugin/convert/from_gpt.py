@@ -94,10 +94,9 @@ def target_args(gpt, options: argparse.Namespace, layers_per_section: int):
 
     args = copy.copy(gpt.args)
     args.num_layers = options.stag_num_sections * layers_per_section
-    args.stag_num_sections = options.stag_num_sections
-    args.stag_weight_sharing = options.stag_weight_sharing
-    args.stag_cross_attention_window = options.stag_cross_attention_window
-    args.stag_output_combination = options.stag_output_combination
+    for flag, _, _ in arguments.STAG_FLAGS:  # every --stag-* option as given here
+        dest = arguments._dest(flag)
+        setattr(args, dest, getattr(options, dest))
     rope = options.stag_cross_attention_rope  # default: on exactly when the GPT uses RoPE
     args.stag_cross_attention_rope = (args.position_embedding_type == "rope" if rope is None
                                       else rope)

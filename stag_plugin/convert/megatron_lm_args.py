@@ -114,6 +114,8 @@ def args_from_megatron_lm(margs, vocab_size: int, where) -> argparse.Namespace:
     args = runtime.default_args()
     args.stag_num_sections = 1
     args.transformer_impl = "local"  # built here from local layers: the tensors are the same
+    if getattr(margs, "stag_num_sections", None) is not None:  # a StagFormer's stored args
+        vars(args).update(arguments.with_unrecorded({}))
     for flag, stored in STAG_FLAG_OF_STORED.items():
         if getattr(margs, stored, None) is not None:
             setattr(args, flag, getattr(margs, stored))

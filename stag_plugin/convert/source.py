@@ -108,7 +108,7 @@ def check_record(record: dict, args: argparse.Namespace, where: Path) -> None:
     stag_run.json otherwise builds a model the tensors do not fit)."""
     from stag_plugin.training import arguments
 
-    saved = record["architecture"]
+    saved = arguments.with_unrecorded(record["architecture"], architecture=True)
     expected = arguments.architecture_of(args, saved.get("padded_vocab_size"))
     diffs = [f"{key}: architecture {saved.get(key)!r}, args {value!r}"
              for key, value in expected.items() if saved.get(key) != value]

@@ -231,6 +231,9 @@ class StagCrossAttention(Attention):
 
     forward(hidden [sq, b, h], mask [*, 1, sq, sk] or None, memory [sk, b, h])
         -> (out [sq, b, h], bias)
+
+    With `config.cross_attention_zero_init` linear_proj starts at zero (after Megatron's own
+    initialisation has run, so the random draws of every other weight stay the same).
     """
 
     def __init__(
@@ -263,6 +266,8 @@ class StagCrossAttention(Attention):
                                               **compat.name_kwargs(name, ".linear_kv"))
         self.rotary = compat.rotary_embedding(config) if config.cross_attention_rope else None
         self.groups_per_partition = divide(config.num_query_groups, self.world_size)
+        if config.cross_attention_zero_init:
+            zero_parameters(self.linear_proj)
 
     def project_query(self, hidden_states: Tensor, first_position: int) -> Tensor:
         """[sq, b, h] -> queries [sq, b, np, hn], RoPE from `first_position` on."""
@@ -320,3 +325,10 @@ class StagCrossAttention(Attention):
             context = self.core_attention(query, key, value, attention_mask,
                                           attn_mask_type=mask_type)
         return self.linear_proj(context)  # (output [sq, b, h], bias)
+
+
+def zero_parameters(module: torch.nn.Module) -> None:
+    """Set every parameter of `module` to zero (in place)."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.zero_()

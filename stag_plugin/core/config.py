@@ -40,6 +40,8 @@ class StagFormerConfig(TransformerConfig):
         cross_attention_window: None (all earlier memory) or w >= 1 memory slots.
         output_combination: "last" section feeds the head, or a "learned" sum of all sections.
         cross_attention_rope: RoPE on cross-attention queries and memory keys.
+        memory_norm: memory = a section's normalised output, or its output before any norm.
+        cross_attention_zero_init: cross-attention output projections start at zero.
         position_embedding_type: "rope", "learned_absolute" or "none" (token positions).
         rotary_base, rotary_percent: RoPE base period and fraction of head dims rotated.
         transformer_impl: "local" (default) or "transformer_engine" layers.
@@ -66,6 +68,18 @@ class StagFormerConfig(TransformerConfig):
     """Apply RoPE in cross-attention: queries at their position, memory slot j at the position of
     the token it holds (the null slot one position before the first token). Needs
     position_embedding_type="rope". False gives position-free cross-attention (the fallback)."""
+
+    memory_norm: bool = False
+    """False: a section before the last ends without a norm, and its memory is that raw
+    residual stream; only the last section ends in a final norm (the head reads it). True:
+    every section ends in its own final norm, and the memory is the normalised output. With
+    the "learned" output combination the earlier sections' terms are these same outputs."""
+
+    cross_attention_zero_init: bool = False
+    """True: start every cross-attention output projection (weight and bias) at zero, so that
+    at initialisation each section computes what it would without the sections before it.
+    False: Megatron's output-layer initialisation, like the self-attention's. Initialisation
+    only: a checkpoint computes the same either way."""
 
     position_embedding_type: str = "rope"
     """Token position encoding: "rope", "learned_absolute" or "none"."""
@@ -154,8 +168,9 @@ def _check_stag_options(cfg: StagFormerConfig) -> None:
     if cfg.position_embedding_type not in POSITION_EMBEDDINGS:
         _fail("position_embedding_type", cfg.position_embedding_type, "unknown position embedding",
               f"use one of {POSITION_EMBEDDINGS}")
-    if not isinstance(cfg.cross_attention_rope, bool):
-        _fail("cross_attention_rope", cfg.cross_attention_rope, "must be a bool", "use True/False")
+    for name in ("cross_attention_rope", "memory_norm", "cross_attention_zero_init"):
+        if not isinstance(getattr(cfg, name), bool):
+            _fail(name, getattr(cfg, name), "must be a bool", "use True/False")
     if cfg.cross_attention_rope and cfg.position_embedding_type != "rope":
         _fail("cross_attention_rope", True,
               f"needs position_embedding_type='rope' (got {cfg.position_embedding_type!r})",

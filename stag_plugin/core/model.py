@@ -5,8 +5,10 @@
     section k > 1: m_k = Section_k(e, memory=shift(m_{k-1}))       (+ cross-attention)
     head:          logits = output_layer(m_p)        or  output_layer(sum_k alpha_k m_k)
 
-Every section is a Megatron TransformerBlock ending in its own final norm, so m_k is normalised;
-it is both section k's output and section k+1's memory. shift() puts the learned null memory in
+Every section is a Megatron TransformerBlock; m_k is both section k's output and section k+1's
+memory. The last section ends in a final norm (the head reads it); an earlier one ends without a
+norm, so its memory is its raw residual stream, unless `config.memory_norm` gives every section
+its own final norm (docs/quality.md compares the two). shift() puts the learned null memory in
 slot 0 and m_{k-1} at tokens 0..s-2 in slots 1..s-1: position i never reads its own token's
 memory, which is what lets all sections run at once when decoding.
 
@@ -94,7 +96,7 @@ class StagGPTModel(LanguageModule):
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         self.stages = pipeline_stages(config.num_sections, config.layers_per_section,
                                       config.pipeline_model_parallel_size,
-                                      config.output_combination == "learned")
+                                      config.output_combination == "learned", config.memory_norm)
         self.stage = self.stages[parallel_state.get_pipeline_model_parallel_rank()]
         _check_stage_flags(self.stage, len(self.stages), pre_process, post_process)
         self.pre_process, self.post_process = pre_process, post_process
@@ -111,7 +113,8 @@ class StagGPTModel(LanguageModule):
         if config.position_embedding_type == "rope":
             self.rotary_pos_emb = compat.rotary_embedding(config)
 
-        # 2. Sections (this stage's part of them): TransformerBlocks, a final norm ending each.
+        # 2. Sections (this stage's part of them): TransformerBlocks, the last section (or, with
+        #    memory_norm, every section) ending in its final norm.
         self.sections = SectionList(
             [SectionBlock(config, specs.for_section(seg.section), specs.final_layernorm, seg)
              for seg in self.stage.segments])
@@ -186,7 +189,7 @@ class StagGPTModel(LanguageModule):
 
         `carry` holds the streams of `stag_plugin.parallel.layout` (hidden / memory / combined)
         coming in; the streams after the stage's last layer come out. A finished section leaves its
-        normalised output as `memory` (the next section's cross-attention memory)."""
+        output as `memory` (the next section's cross-attention memory)."""
         seq_len = self._sequence_length(embedded if embedded is not None else
                                         next(iter(carry.values())))
         rotary = self.rotary_pos_emb(seq_len) if hasattr(self, "rotary_pos_emb") else None
@@ -339,7 +342,8 @@ class SectionList(torch.nn.ModuleList):
 
 class SectionBlock(TransformerBlock):
     """The layers of one section that live on this pipeline stage (all of them without
-    pipeline parallelism), ending in the section's final norm when the section ends here.
+    pipeline parallelism), ending in the section's final norm when the section ends here and
+    has one (`segment.final_norm`).
 
     Built with a pipeline-size-1 view of the config, so Megatron numbers the layers from the
     block's first layer instead of its own even split of `num_layers` over stages; global
@@ -353,7 +357,8 @@ class SectionBlock(TransformerBlock):
             config=block_config,
             spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * segment.num_layers,
                                             layer_norm=final_layernorm),
-            post_layer_norm=True, pre_process=True, post_process=segment.ends_section,
+            post_layer_norm=segment.final_norm, pre_process=True,
+            post_process=segment.ends_section,
         )
         self.segment = segment
 

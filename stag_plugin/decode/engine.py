@@ -188,12 +188,15 @@ class StagDecoder:
         x = fused.embed(self.model, ids, at.index)  # [1, b, h]
         if self.mode == "recurrent":  # one pass: section p's rows, reading its own outputs
             rows = caches.cross_rows(p - 1)
-            out = fused.run_layers(w, x, caches, caches.self_rows(p - 1), rows, 0, at)
-            fused.append_memory(w, out, caches, rows, at)  # its own output -> slot at + 1
+            raw = fused.run_layers(w, x, caches, caches.self_rows(p - 1), rows, 0, at)
+            out = fused.finish(w, raw)
+            # its own output (its memory: normalised or not) -> slot at + 1
+            fused.append_memory(w, out if w.memory_norm else raw, caches, rows, at)
             return fused.logits(self.model, out, combine=False)
         cross = span(caches.cross_rows, 1, p - 1) if p > 1 else None
-        outs = fused.run_layers(w, x.expand(p, -1, -1), caches, span(caches.self_rows, 0, p - 1),
-                                cross, 1, at)  # [p, b, h]
+        outs = fused.finish(w, fused.run_layers(w, x.expand(p, -1, -1), caches,
+                                                span(caches.self_rows, 0, p - 1), cross, 1,
+                                                at))  # [p, b, h]
         if p > 1:  # slot at + 1 of sections 2..p = the outputs of sections 1..p-1
             fused.append_memory(w, outs[:-1], caches, cross, at)
         return fused.logits(self.model, outs, self.config.output_combination == "learned")

@@ -4,7 +4,8 @@ of several sections run through every layer as one batched computation (gpt-fast
     StackedWeights.of(model, max_len)   per layer, the tensors of every section stacked once:
                                         [P, ...] with P = p (separate weights) or P = 1 (shared
                                         weights, and p = 1), plus the final norms and RoPE tables
-    run_layers(w, x [S, b, h], ...)     S section passes of one token -> outputs [S, b, h]
+    run_layers(w, x [S, b, h], ...)     S section passes of one token through every layer
+    finish(w, x [S, b, h])              -> the outputs of sections p-S+1..p [S, b, h]
     append_memory(w, sources [T, b, h], ...)   memory slot t + 1 of T sections
     embed, logits                       the model's own embedding and LM head
 
@@ -126,7 +127,8 @@ class StackedWeights:
     """Everything the fused step reads besides the caches and the model's embedding and head."""
 
     layers: List[Layer]
-    final_norm: Norm
+    final_norm: Norm  # of every section (memory_norm), else of the last section alone
+    memory_norm: bool
     dims: Dims
     self_freqs: Optional[Tensor]  # RoPE of positions 0..max_len: [max_len + 1, 1, 1, d_rot]
     cross_freqs: Optional[Tensor]  # the same for cross-attention (cross_attention_rope)
@@ -146,8 +148,10 @@ class StackedWeights:
         cross_blocks = list(model.sections)[1:2] if single else list(model.sections)[1:]
         layers = [_layer([b.layers[i] for b in blocks], [b.layers[i] for b in cross_blocks])
                   for i in range(config.layers_per_section)]
-        final = _stack_norm([(b.final_layernorm, None) for b in blocks])
-        return cls(layers, final, _dims(model), *_rope_tables(model, max_len))
+        normed = [b for b in model.sections if b.final_layernorm is not None]
+        final = _stack_norm([(b.final_layernorm, None) for b in normed[-len(blocks):]])
+        return cls(layers, final, config.memory_norm, _dims(model),
+                   *_rope_tables(model, max_len))
 
 
 def check_fusable(config) -> None:
@@ -434,9 +438,9 @@ def mlp(w: StackedWeights, layer: Layer, x: Tensor) -> Tensor:
 
 def run_layers(w: StackedWeights, x: Tensor, caches, self_rows: slice,
                cross_rows: Optional[slice], cross_from: int, at: At) -> Tensor:
-    """S section passes x [S, b, h] of one token through every layer -> their normalised
-    outputs [S, b, h]. Pass s reads self-cache rows self_rows (s * b ..); passes cross_from..
-    cross-attend to their memory in cross_rows of the cross caches."""
+    """S section passes x [S, b, h] of one token through every layer -> [S, b, h], before the
+    final norms (`finish`). Pass s reads self-cache rows self_rows (s * b ..); passes
+    cross_from.. cross-attend to their memory in cross_rows of the cross caches."""
     for i, layer in enumerate(w.layers):
         x = x + self_attention(w, layer, x, caches.self_kv[i], self_rows, at)
         if layer.cross is not None and cross_rows is not None:
@@ -444,7 +448,15 @@ def run_layers(w: StackedWeights, x: Tensor, caches, self_rows: slice,
             later.add_(cross_attention(w, layer.cross, later, caches.cross_kv[i], cross_rows,
                                        at))
         x = x + mlp(w, layer, x)
-    return norm(w, w.final_norm, x)
+    return x
+
+
+def finish(w: StackedWeights, x: Tensor) -> Tensor:
+    """The outputs of the S passes x [S, b, h] from run_layers, the last pass being the last
+    section's: through every section's final norm (memory_norm), else the last one's alone."""
+    if w.memory_norm:
+        return norm(w, w.final_norm, x)
+    return torch.cat([x[:-1], norm(w, w.final_norm, x[-1:])])
 
 
 def append_memory(w: StackedWeights, sources: Tensor, caches, rows: slice, at: At) -> None:

@@ -103,7 +103,7 @@ def run_section(math: LayerMath, block, k: int, x: Tensor, first: int, caches: C
             else:
                 x = x + prompt_cross_attention(math, layer, x, *memory[i])
         x = x + mlp(layer, x)
-    return block.final_layernorm(x)
+    return x if block.final_layernorm is None else block.final_layernorm(x)
 
 
 def self_attention(math: LayerMath, layer, x: Tensor, cache: KVCache, rows: slice,

@@ -36,6 +36,7 @@ class Segment:
     first_layer: int
     num_layers: int
     layers_per_section: int
+    normalises: bool = True  # ends in the section's final norm (when it ends the section)
 
     @property
     def starts_section(self) -> bool:
@@ -44,6 +45,11 @@ class Segment:
     @property
     def ends_section(self) -> bool:
         return self.first_layer + self.num_layers == self.layers_per_section
+
+    @property
+    def final_norm(self) -> bool:
+        """Whether the section's final norm runs after this segment's last layer."""
+        return self.ends_section and self.normalises
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,15 @@ class Stage:
 
 
 def pipeline_stages(num_sections: int, layers_per_section: int, pipeline_size: int,
-                    learned_combination: bool = False) -> Tuple[Stage, ...]:
-    """The stages of a `num_sections x layers_per_section` model on `pipeline_size` stages."""
+                    learned_combination: bool = False,
+                    memory_norm: bool = True) -> Tuple[Stage, ...]:
+    """The stages of a `num_sections x layers_per_section` model on `pipeline_size` stages
+    (`memory_norm` False: only the last section ends in a final norm)."""
     depth = num_sections * layers_per_section
     check_pipeline_size(num_sections, layers_per_section, pipeline_size)
     per_stage = depth // pipeline_size
-    segments = [_segments(s * per_stage, per_stage, layers_per_section)
+    normalised = set(range(num_sections)) if memory_norm else {num_sections - 1}
+    segments = [_segments(s * per_stage, per_stage, layers_per_section, normalised)
                 for s in range(pipeline_size)]
     boundaries = [()] + [_streams_after(segs[-1], learned_combination) for segs in segments[:-1]]
     return tuple(Stage(s, segments[s], boundaries[s],
@@ -93,12 +102,13 @@ def check_pipeline_size(num_sections: int, layers_per_section: int, pipeline_siz
             "section on each stage)")
 
 
-def _segments(start: int, count: int, layers_per_section: int) -> Tuple[Segment, ...]:
+def _segments(start: int, count: int, layers_per_section: int,
+              normalised: set) -> Tuple[Segment, ...]:
     out, layer = [], start
     while layer < start + count:
         section, first = divmod(layer, layers_per_section)
         take = min(layers_per_section - first, start + count - layer)
-        out.append(Segment(section, first, take, layers_per_section))
+        out.append(Segment(section, first, take, layers_per_section, section in normalised))
         layer += take
     return tuple(out)
 
@@ -137,7 +147,7 @@ def shared_layer_stages(stages: Tuple[Stage, ...]) -> Dict[Tuple[str, int], Tupl
 
     ("layer", i): layer i's self-attention, MLP and norms, run by every section;
     ("cross", i): layer i's cross-attention, run by sections 2..p; ("final_norm", 0): the
-    sections' final norm.
+    sections' final norm (the last section's only, without memory_norm).
     """
     holders: Dict[Tuple[str, int], set] = {}
     for st in stages:
@@ -146,6 +156,6 @@ def shared_layer_stages(stages: Tuple[Stage, ...]) -> Dict[Tuple[str, int], Tupl
                 holders.setdefault(("layer", i), set()).add(st.index)
                 if seg.section > 0:
                     holders.setdefault(("cross", i), set()).add(st.index)
-            if seg.ends_section:
+            if seg.final_norm:
                 holders.setdefault(("final_norm", 0), set()).add(st.index)
     return {key: tuple(sorted(v)) for key, v in holders.items()}

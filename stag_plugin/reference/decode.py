@@ -282,7 +282,8 @@ class ReferenceDecoder:
         crossing = [] if self.p == 1 else stacks[1:] if len(stacks) > 1 else stacks
         self.layers = [Layer.of([s.blocks[i] for s in stacks], [s.blocks[i] for s in crossing],
                                 dtype) for i in range(cfg.layers_per_section)]
-        self.ln_out = Norm.of([s.ln_out for s in stacks], dtype)
+        # the final norms: of every section, or (without memory_norm) of the last one
+        self.ln_out = Norm.of([s.ln_out for s in stacks if hasattr(s, "ln_out")], dtype)
         self.tok_emb = model.tok_emb.weight.detach().to(dtype)  # [vocab, h]
         self.head_weight = (self.tok_emb if cfg.tie_embeddings
                             else model.lm_head.weight.detach().to(dtype))
@@ -379,8 +380,10 @@ class ReferenceDecoder:
         b, p = ids.shape[0], self.p
         x = self._embed(ids[:, None], at)[None]  # [1, b, 1, h]
         if self.mode == "recurrent":  # section p's pass; its own output -> its slot t + 1
-            out = self._run(x, p - 1, at)  # [1, b, 1, h]
-            self._append_slots(out, p - 2, self._cross_rows(p - 1, 1, b), at)
+            raw = self._layers(x, p - 1, at)  # [1, b, 1, h]
+            out = self._finish(raw, p - 1)
+            memory = out if self.cfg.memory_norm else raw
+            self._append_slots(memory, p - 2, self._cross_rows(p - 1, 1, b), at)
             return self._logits(out)[:, -1]
         if self.mode == "batched":
             outs = self._run(x.expand(p, -1, -1, -1), 0, at)  # [p, b, 1, h]
@@ -397,6 +400,19 @@ class ReferenceDecoder:
         their outputs [S, b, n, h]. Cross-attention (the passes of sections k > 0) reads
         `memory` (prefill: per layer the keys, values and visibility of the prompt's slots)
         or, in a step, the cross caches."""
+        return self._finish(self._layers(x, first, at, memory), first)
+
+    def _finish(self, x: Tensor, first: int) -> Tensor:
+        """The outputs of sections first.. from their last layers' x [S, b, n, h]: through
+        each section's final norm, or (without memory_norm) the last section's alone."""
+        if self.cfg.memory_norm:
+            return norm(self.ln_out, x, first)
+        if first + x.shape[0] < self.p:  # the last section is not among them
+            return x
+        return torch.cat([x[:-1], norm(self.ln_out, x[-1:], 0)])
+
+    def _layers(self, x: Tensor, first: int, at: At, memory: Optional[list] = None) -> Tensor:
+        """The layers of `_run`, without the final norms."""
         S, b = x.shape[0], x.shape[1]
         skip = 1 if first == 0 else 0  # section 1 (when it runs) has no cross-attention
         rows = slice(first * b, (first + S) * b)
@@ -409,7 +425,7 @@ class ReferenceDecoder:
                     layer, i, x[skip:], first + skip - 1, cross_rows, at,
                     None if memory is None else memory[i]))
             x = x + mlp(layer, x, first, activation, self.cfg.gated_linear_unit)
-        return norm(self.ln_out, x, first)
+        return x
 
     def _cross_rows(self, first: int, count: int, b: int) -> slice:
         """The cross-cache rows of sections first..first+count-1 (first >= 1)."""

@@ -6,9 +6,12 @@ Tensors are batch-first here, [b, s, h]. `stag_plugin.reference.name_map` maps M
 onto it.
 
     e = tok_emb(x) (+ pos_emb)
-    out_1 = Stack_1(e)                                 each Stack: Blocks, then a final norm
+    out_1 = Stack_1(e)                                 each Stack: Blocks (then a final norm)
     out_k = Stack_k(e, memory=[null, out_{k-1}[:-1]])  Blocks with cross-attention
     logits = head(out_p)  or  head(sum_k alpha_k out_k)
+
+The last section's output is normalised by its final norm; an earlier section's output (its
+memory) is its raw residual stream, or with `memory_norm` normalised by its own final norm.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class ReferenceConfig:
     cross_attention_window: Optional[int] = None
     output_combination: str = "last"
     cross_attention_rope: bool = True
+    memory_norm: bool = True  # True where a config.json does not name it
     position_embedding_type: str = "rope"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
@@ -79,7 +83,7 @@ class ReferenceConfig:
             weight_sharing=config.weight_sharing,
             cross_attention_window=config.cross_attention_window,
             output_combination=config.output_combination,
-            cross_attention_rope=config.cross_attention_rope,
+            cross_attention_rope=config.cross_attention_rope, memory_norm=config.memory_norm,
             position_embedding_type=config.position_embedding_type,
             rotary_base=config.rotary_base, rotary_percent=config.rotary_percent,
             normalization=config.normalization, norm_eps=config.layernorm_epsilon,
@@ -176,17 +180,19 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """One section: layers_per_section Blocks and a final norm."""
+    """One section: layers_per_section Blocks, and a final norm (`ln_out`) when `final_norm`.
+    forward returns the output of the last Block; StagFormer.finish applies the norm."""
 
-    def __init__(self, cfg: ReferenceConfig, with_cross: bool):
+    def __init__(self, cfg: ReferenceConfig, with_cross: bool, final_norm: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(Block(cfg, with_cross) for _ in range(cfg.layers_per_section))
-        self.ln_out = make_norm(cfg)
+        if final_norm:
+            self.ln_out = make_norm(cfg)
 
     def forward(self, x, causal, angles, memory=None, cross_visible=None, cross_angles=None):
         for block in self.blocks:
             x = block(x, causal, angles, memory, cross_visible, cross_angles)
-        return self.ln_out(x)
+        return x
 
 
 class StagFormer(nn.Module):
@@ -199,7 +205,9 @@ class StagFormer(nn.Module):
         # Shared weights: one Stack (with cross-attention) runs every section.
         p, shared = cfg.num_sections, cfg.weight_sharing == "shared"
         self.stacks = nn.ModuleList(
-            Stack(cfg, with_cross=(k > 0 or (shared and p > 1))) for k in range(1 if shared else p)
+            Stack(cfg, with_cross=(k > 0 or (shared and p > 1)),
+                  final_norm=shared or cfg.memory_norm or k == p - 1)
+            for k in range(1 if shared else p)
         )
         if p > 1:
             self.null_memory = nn.Parameter(torch.zeros(cfg.hidden_size))
@@ -210,6 +218,14 @@ class StagFormer(nn.Module):
 
     def stack(self, k: int) -> Stack:
         return self.stacks[0 if self.cfg.weight_sharing == "shared" else k]
+
+    def normalises(self, k: int) -> bool:
+        """Whether section k's output passes through a final norm."""
+        return self.cfg.memory_norm or k == self.cfg.num_sections - 1
+
+    def finish(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Section k's output from its last Block's output x."""
+        return self.stack(k).ln_out(x) if self.normalises(k) else x
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [b, s] -> logits [b, s, vocab]."""
@@ -231,10 +247,11 @@ class StagFormer(nn.Module):
             cross_visible = causal & (pos[None, :] > pos[:, None] - cfg.cross_attention_window)
         cross_angles = (rope_angles(cfg, pos + 1), rope_angles(cfg, pos)) \
             if cfg.cross_attention_rope else (None, None)
-        outs = [self.stack(0)(x, causal, angles)]
+        outs = [self.finish(0, self.stack(0)(x, causal, angles))]
         for k in range(1, cfg.num_sections):
             memory = torch.cat([self.null_memory.expand(b, 1, -1), outs[-1][:, :-1]], dim=1)
-            outs.append(self.stack(k)(x, causal, angles, memory, cross_visible, cross_angles))
+            outs.append(self.finish(k, self.stack(k)(x, causal, angles, memory, cross_visible,
+                                                     cross_angles)))
         return outs
 
     def combine(self, outs: List[torch.Tensor]) -> torch.Tensor:

@@ -22,7 +22,9 @@ Declarative: one table per level, `{k}` = section index, `{i}` = layer index wit
 
 k' = k for separate weights. With shared weights the reference has one stack (k' = 0): it takes
 the self-attention/MLP/norm weights from Megatron section 0 and the cross-attention from
-section 1; Megatron's other copies are aliases, checked equal and not stored twice.
+section 1; Megatron's other copies are aliases, checked equal and not stored twice. Without
+`memory_norm` only the last section (Megatron's sections.{p-1}) has a final norm, and it is
+stored under that name.
 Megatron's fused layouts: linear_qkv rows are grouped per key/value group as
 [q heads of the group | k | v]; linear_kv rows as [k | v] per group; linear_fc1 as [gate | up].
 `_extra_state` entries (None for the local backend, FP8 metadata for Transformer Engine layers)
@@ -146,6 +148,8 @@ def _alias_owner(cfg, key: str) -> Optional[str]:
     if cfg.weight_sharing != "shared" or match is None:
         return None
     rest = key[match.end():]  # "layers.{i}.<module>.<param>" or "final_layernorm.<param>"
+    if rest.startswith("final_layernorm.") and not cfg.memory_norm:
+        return None  # the last section's alone
     module = rest.split(".", 2)[2] if rest.startswith("layers.") else rest
     owner = owner_section(module)
     return None if int(match.group(1)) == owner else f"sections.{owner}.{rest}"
@@ -247,7 +251,8 @@ def megatron_key(cfg, reference_key: str) -> str:
         return model_keys[reference_key]
     section = _REF_SECTION_RE.match(reference_key)
     if section:
-        return f"sections.{section.group(1)}.final_layernorm.{section.group(2)}"
+        owner = section.group(1) if cfg.memory_norm else cfg.num_sections - 1
+        return f"sections.{owner}.final_layernorm.{section.group(2)}"
     layer = _REF_LAYER_RE.match(reference_key)
     modules = _megatron_modules(cfg)
     if not layer or layer.group(3) not in modules:

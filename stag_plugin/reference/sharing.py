@@ -3,7 +3,8 @@
 With `weight_sharing="shared"` every section runs the same layers. Section 1 (index 0) has no
 cross-attention, so the sublayers are owned by two sections:
 
-    section 0 owns   every layer's self-attention, MLP and norms, and the final norm
+    section 0 owns   every layer's self-attention, MLP and norms, and the final norm (with
+                     memory_norm; otherwise the last section alone has a final norm)
     section 1 owns   every layer's cross-attention sublayers (pre_cross_attn_layernorm,
                      cross_attention), which sections 2..p-1 reuse
 

@@ -47,12 +47,21 @@ STAG_FLAGS = (
     ("--stag-cross-attention-rope", "cross_attention_rope", dict(
         action=argparse.BooleanOptionalAction, default=True,
         help="RoPE in cross-attention (memory slots at their token positions)")),
+    ("--stag-memory-norm", "memory_norm", dict(
+        action=argparse.BooleanOptionalAction, default=False,
+        help="every section ends in a final norm and the next section's memory is that "
+             "normalised output (default: the memory is the section's output before any norm; "
+             "only the last section has a final norm); see docs/quality.md")),
+    ("--stag-cross-attention-zero-init", "cross_attention_zero_init", dict(
+        action=argparse.BooleanOptionalAction, default=False,
+        help="start every cross-attention output projection at zero (initialisation only)")),
     ("--stag-fp8-attention-fallback", "fp8_attention_fallback", dict(
         choices=("bf16", "error"), default="bf16",
         help="with FP8 attention, an attention Transformer Engine has no FP8 kernel for (see "
              "docs/transformer_engine.md): run it in bf16 (saying so once), or refuse")),
 )
-STAG_PRECISION_FIELDS = ("fp8_attention_fallback",)  # --stag-* flags that leave shapes alone
+# --stag-* flags that leave a checkpoint's shapes and function alone
+STAG_RUN_FIELDS = ("fp8_attention_fallback", "cross_attention_zero_init")
 
 # Flags whose values fix the parameter shapes or the function a checkpoint computes.
 ARCHITECTURE_FLAGS = (
@@ -60,7 +69,11 @@ ARCHITECTURE_FLAGS = (
     "group_query_attention", "num_query_groups", "kv_channels", "normalization", "norm_epsilon",
     "swiglu", "disable_bias_linear", "qk_layernorm", "untie_embeddings_and_output_weights",
     "position_embedding_type", "rotary_base", "rotary_percent", "max_position_embeddings",
-) + tuple(_dest(flag) for flag, field, _ in STAG_FLAGS if field not in STAG_PRECISION_FIELDS)
+) + tuple(_dest(flag) for flag, field, _ in STAG_FLAGS if field not in STAG_RUN_FIELDS)
+
+# Architecture flags a run record (stag_run.json) or Megatron-LM checkpoint may lack, with the
+# value such a checkpoint was trained with (`with_unrecorded`).
+UNRECORDED = {"stag_memory_norm": True}
 
 _FLAG_OF_FIELD = {field: flag for flag, field, _ in STAG_FLAGS} | {
     "num_layers": "--num-layers", "hidden_size": "--hidden-size",
@@ -624,8 +637,19 @@ def architecture_of(args: argparse.Namespace, padded_vocab_size: int) -> dict:
     arch = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
     if not args.group_query_attention:
         arch["num_query_groups"] = None
+    if args.stag_num_sections == 1:
+        arch["stag_memory_norm"] = None  # one section: no memory
     arch["padded_vocab_size"] = padded_vocab_size
     return arch
+
+
+def with_unrecorded(saved: dict, architecture: bool = False) -> dict:
+    """A checkpoint's saved flags (or, with `architecture`, its saved architecture), by flag
+    dest, with the `UNRECORDED` flags it lacks set to the values it was trained with."""
+    filled = {**UNRECORDED, **saved}
+    if architecture and filled.get("stag_num_sections") == 1:
+        filled["stag_memory_norm"] = None  # as architecture_of records one section
+    return filled
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:

@@ -102,8 +102,10 @@ def read_run(root: Path) -> tuple[int, dict]:
 
 def check_architecture(root: Path, expected: dict) -> None:
     """Refuse to load a checkpoint whose architecture differs from this run's flags."""
+    from stag_plugin.training.arguments import with_unrecorded
+
     _, run = read_run(root)
-    saved = run["architecture"]
+    saved = with_unrecorded(run["architecture"], architecture=True)
     diffs = [f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
              for key, value in expected.items() if saved.get(key) != value]
     if diffs:

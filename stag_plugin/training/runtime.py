@@ -110,7 +110,8 @@ def saved_args(record: dict, tensor_parallel: int = 1,
     """A checkpoint's flags (its stag_run.json `record`; trainer defaults for flags newer than
     the record) under the layout given here: the architecture does not depend on the layout,
     and distributed checkpoints reshard on load."""
-    args = argparse.Namespace(**{**vars(default_args()), **record["args"]})
+    args = argparse.Namespace(**{**vars(default_args()),
+                                 **arguments.with_unrecorded(record["args"])})
     args.tensor_model_parallel_size = tensor_parallel
     args.pipeline_model_parallel_size = pipeline_parallel
     args.num_layers_per_virtual_pipeline_stage = None

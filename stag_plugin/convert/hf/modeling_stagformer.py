@@ -6,8 +6,8 @@ trust_remote_code=True)` works where stag_plugin is not installed. It must impor
 stag_plugin outside the fallback below.
 
 No second set of weights or modules: the class derives from the reference `StagFormer` (first
-base, so `section_outputs`, `combine`, `head` and `stack` are the reference's own) and from
-transformers' `PreTrainedModel` and `GenerationMixin`. `__init__` builds a reference StagFormer
+base, so `section_outputs`, `finish`, `combine`, `head` and `stack` are the reference's own) and
+from transformers' `PreTrainedModel` and `GenerationMixin`. `__init__` builds a reference StagFormer
 from the config and takes over its modules, parameters and `cfg` under the same names, so this
 model's state dict is the folder's model.safetensors key for key. Without a cache and without
 padding, `forward` is the reference forward itself.
@@ -196,7 +196,7 @@ class StagFormerForCausalLM(StagFormer, PreTrainedModel, GenerationMixin):
                 x = x + attend(block.cross_attn, block.ln_cross(x), span.memory_angles, keys,
                                values, span.memory_visible)
             x = x + block.mlp(block.ln_mlp(x))
-        return stack.ln_out(x)
+        return self.finish(k, x)
 
     def _append_memory(self, k: int, previous: Tensor, cache: Cache,
                        span: "Span") -> List[Tuple[Tensor, Tensor]]:
