@@ -203,7 +203,10 @@ def test_split_takes_consecutive_blocks(tmp_path, megatron_source):
             checked.add(key)
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         assert torch.equal(model[key], gpt[key])
-    assert len(checked) == 2 * (2 * 12 + 2)  # 2 sections x (2 layers x 12 tensors + norm)
+    # 2 sections x 2 layers x 12 tensors, and the final norm (weight, bias) of the last section,
+    # the only one that has a final norm
+    assert len(checked) == 2 * 2 * 12 + 2
+    assert "sections.1.final_layernorm.weight" in checked
     assert model["sections.1.layers.0.cross_attention.linear_proj.weight"].abs().max() > 0
     assert model["null_memory"].abs().max() == 0
 

@@ -29,8 +29,8 @@ def expected_parameters(name: str, hidden: int, vocab: int, layers: int) -> int:
     if name.startswith("gpt-"):
         depth = int(name[4:-1])
         return vocab * h + depth * layer + 2 * h
-    if "-separate" in name:
-        return vocab * h + layers * layer + layers // 2 * cross + 2 * 2 * h + h
+    if "-separate" in name:  # the last section's final norm (the only one), the null slot
+        return vocab * h + layers * layer + layers // 2 * cross + 2 * h + h
     return vocab * h + layers // 2 * (layer + cross) + 2 * h + h  # shared stack, null slot
 
 

@@ -144,11 +144,17 @@ def test_generate_stops_each_sequence_at_its_own_stop_token():
     assert shared[1] == expected
 
 
-def test_recurrent_mode_reads_its_own_outputs():
+@pytest.mark.parametrize("memory_norm", [False, True])
+def test_recurrent_mode_reads_its_own_outputs(memory_norm):
     """Recurrent decode against a direct computation with section 2's block: memory slots of
-    the prompt come from section 1, later slots from the pass's own earlier outputs."""
+    the prompt come from section 1, later slots from the pass's own earlier outputs (before its
+    final norm, without memory_norm)."""
     seed = fresh_seed()
-    model = build_model(tiny_config(num_sections=2, weight_sharing="shared"), seed=seed % 1000)
+    model = build_model(tiny_config(num_sections=2, weight_sharing="shared",
+                                    memory_norm=memory_norm), seed=seed % 1000)
+    before_norm = []  # the input of section 2's final norm: its raw output
+    model.sections[1].final_layernorm.register_forward_hook(
+        lambda module, args, out: before_norm.append(args[0]))
     tokens, positions = random_tokens(2, 8, seed)
     prompt = 3
     decoder = StagDecoder(model, 2, 16, mode="recurrent")
@@ -169,7 +175,8 @@ def test_recurrent_mode_reads_its_own_outputs():
             logits, _ = model.output_layer(out[-1:], weight=model._output_weight())
             expected.append(logits[0])
             if t >= prompt:
-                memory = torch.cat([memory, out[-1:]], dim=0)  # own output at t -> slot t+1
+                own = out if memory_norm else before_norm[-1]
+                memory = torch.cat([memory, own[-1:]], dim=0)  # own output at t -> slot t+1
     expected = torch.stack(expected, dim=1)
     assert (got - expected).abs().max().item() < 1e-4, f"seed {seed}"
     # Prefill is as in training; later steps differ from the staggered decode by design.
