@@ -10,11 +10,12 @@ import torch
 
 from stag_plugin import StagGPTModel, cli
 from stag_plugin.convert.megatron_lm_args import args_from_megatron_lm
+from stag_plugin.errors import StagError
 from stag_plugin.parallel.layout import pipeline_stages, shared_layer_stages
 from stag_plugin.reference.model import ReferenceConfig
 from stag_plugin.training import arguments, integrity
 
-from convert_testing import iteration_folder
+from convert_testing import iteration_folder, megatron_lm_args, save_megatron_lm
 from stag_testing import VOCAB, prepared_cache, small_corpus, tiny_config, tiny_train_flags
 
 TRAIN_VOCAB = 512
@@ -143,6 +144,35 @@ def test_megatron_lm_args_of_a_stagformer_without_the_flag_mean_normalised_memor
     args = args_from_megatron_lm(argparse.Namespace(**stored, stag_memory_norm=False), 100,
                                  "ckpt")
     assert args.stag_memory_norm is False
+
+
+def stag_dests(**values) -> dict:
+    """Every --stag-* dest at its default, `values` overriding."""
+    return {arguments._dest(flag): kwargs["default"] for flag, _, kwargs in arguments.STAG_FLAGS
+            } | values
+
+
+def test_megatron_lm_resume_refuses_other_stag_options(tmp_path):
+    """A StagFormer saved by Megatron-LM with normalised memory, its args from before the
+    flag: resuming it needs --stag-memory-norm; a window it lacks is refused too."""
+    from stag_plugin.integrations.megatron_lm.config import check_loaded_stag_options
+
+    model = build(memory_norm=True)
+    stored = stag_dests(stag_num_sections=2)
+    del stored["stag_memory_norm"]
+    save_megatron_lm(model, tmp_path / "run", 3, megatron_lm_args(model.config, True, **stored))
+    run = argparse.Namespace(load=str(tmp_path / "run"), **stag_dests(stag_num_sections=2))
+    with pytest.raises(StagError, match=r"--stag-memory-norm True \(this run: False\)"):
+        check_loaded_stag_options(run)
+    run.stag_memory_norm = True
+    check_loaded_stag_options(run)
+    run.stag_cross_attention_window = 4
+    with pytest.raises(StagError, match=r"--stag-cross-attention-window None \(this run: 4\)"):
+        check_loaded_stag_options(run)
+    run.stag_cross_attention_window, run.stag_cross_attention_zero_init = None, True
+    check_loaded_stag_options(run)  # initialisation only
+    run.load = str(tmp_path / "empty")
+    check_loaded_stag_options(run)  # a first run: nothing saved yet
 
 
 def test_a_plain_gpt_records_no_memory_option():

@@ -7,6 +7,7 @@
     uses_stag_model                 whether the args ask for a StagFormer
     stag_config_from_megatron_args  Megatron-LM's args -> StagFormerConfig
     check_megatron_lm_args          Megatron-LM options StagGPTModel cannot honour, by flag
+    check_loaded_stag_options       --load of a StagFormer trained with other --stag-* options
     check_boundary_shapes           pipeline layouts Megatron-LM's schedule cannot carry
 """
 
@@ -21,7 +22,13 @@ import torch
 from stag_plugin.core.config import StagFormerConfig
 from stag_plugin.errors import NotSupported, StagError
 from stag_plugin.parallel.layout import pipeline_stages
-from stag_plugin.training.arguments import STAG_FLAGS, _dest, add_stag_args
+from stag_plugin.training.arguments import (
+    STAG_FLAGS,
+    STAG_RUN_FIELDS,
+    _dest,
+    add_stag_args,
+    with_unrecorded,
+)
 
 # Megatron-LM flag of a StagFormerConfig field, where it is not "--" + field with dashes.
 _FLAG_OF_FIELD = {field: flag for flag, field, _ in STAG_FLAGS} | {
@@ -125,6 +132,63 @@ def check_megatron_lm_args(args) -> None:
                            "or local")
     if impl == "transformer_engine":
         _check_transformer_engine_args(args)
+
+
+def check_loaded_stag_options(args) -> None:
+    """Refuse --load of a StagFormer checkpoint (distributed format) whose stored --stag-*
+    options that fix the model differ from this run's, naming each. Megatron-LM compares none of
+    them, and its distributed-checkpoint load leaves out tensors the model lacks (e.g. the final
+    norms of a model trained with --stag-memory-norm), so it would otherwise resume another
+    model. Stored args that predate an option count as the value they were trained with
+    (stag_plugin.training.arguments.UNRECORDED)."""
+    from stag_plugin.convert import source
+
+    load = getattr(args, "load", None)
+    folder = _distributed_checkpoint(load) if load else None
+    if folder is None:  # nothing saved, or not in the distributed format: Megatron-LM decides
+        return
+    stored = source.read_common(folder).get("args")
+    if getattr(stored, "stag_num_sections", None) is None:  # not trained as a StagFormer
+        return
+    saved = _stag_architecture(with_unrecorded(vars(stored)))
+    diffs = [f"{_flag(dest)} {value!r} (this run: {mine!r})"
+             for dest, value in saved.items()
+             if value != (mine := _stag_architecture(vars(args)).get(dest))]
+    if diffs:
+        raise StagError(f"--load {load} holds a StagFormer trained with {'; '.join(diffs)}",
+                        "pass the checkpoint's values of these flags")
+
+
+def _distributed_checkpoint(load: str):
+    """The iteration folder Megatron-LM's tracker names under `load`, when it is a distributed
+    checkpoint; else None."""
+    from pathlib import Path
+
+    from stag_plugin.convert import source
+    from stag_plugin.training import checkpointing
+
+    try:
+        iteration = checkpointing.latest_iteration(Path(load))
+    except checkpointing.CheckpointError:  # e.g. "release"
+        return None
+    if iteration is None:
+        return None
+    folder = checkpointing.iteration_dir(Path(load), iteration)
+    return folder if (folder / source.INDEX_FILE).is_file() else None
+
+
+def _stag_architecture(values: dict) -> dict:
+    """The --stag-* values (by dest) that fix what a model computes; the memory options mean
+    nothing for one section."""
+    arch = {_dest(flag): values.get(_dest(flag)) for flag, field, _ in STAG_FLAGS
+            if field not in STAG_RUN_FIELDS}
+    if arch["stag_num_sections"] == 1:
+        arch["stag_memory_norm"] = None
+    return arch
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def _check_transformer_engine_args(args) -> None:

@@ -18,6 +18,7 @@ from stag_plugin.core.model import StagGPTModel
 from stag_plugin.errors import NotSupported
 from stag_plugin.integrations.megatron_lm.config import (
     check_boundary_shapes,
+    check_loaded_stag_options,
     check_megatron_lm_args,
     stag_config_from_megatron_args,
     uses_stag_model,
@@ -40,6 +41,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
 
     args = get_args()
     check_megatron_lm_args(args)
+    check_loaded_stag_options(args)
     if not isinstance(config, StagFormerConfig):
         config = stag_config_from_megatron_args(args)
     return build_stage(config, args.padded_vocab_size, args.max_position_embeddings,

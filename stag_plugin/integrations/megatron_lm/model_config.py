@@ -24,6 +24,7 @@ from stag_plugin.core.config import StagFormerConfig
 from stag_plugin.core.model import StagGPTModel
 from stag_plugin.errors import StagError
 from stag_plugin.integrations.megatron_lm.config import (
+    check_loaded_stag_options,
     check_megatron_lm_args,
     stag_config_from_megatron_args,
 )
@@ -87,5 +88,6 @@ def stag_model_config(args) -> StagGPTModelConfig:
     from megatron.training.argument_utils import gpt_config_from_args
 
     check_megatron_lm_args(args)
+    check_loaded_stag_options(args)
     return gpt_config_from_args(args, config=stag_config_from_megatron_args(args),
                                 model_config_cls=StagGPTModelConfig)
