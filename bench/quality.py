@@ -39,6 +39,7 @@ Variants (`--variants`; ablations change one StagFormer option at a time):
                                  the plugin's defaults)
     stag-sep-rawzero,            raw memory and a zero-initialised cross-attention output,
     stag-shared-rawzero          separate or shared weights
+    stag-sep-rawmemory-window    stag-sep-rawmemory with --stag-cross-attention-window
 A fixed null slot is not a model option: this script makes that change to the built
 StagGPTModel before training (ABLATIONS), for the experiment only; its checkpoints hold the
 changed model.
@@ -95,6 +96,8 @@ VARIANTS = {
     "stag-shared-rawmemory": (2, 1.0, SHARED + RAW_MEMORY),
     "stag-sep-rawzero": (2, 1.0, SEPARATE + ["--no-stag-memory-norm", ZERO_INIT]),
     "stag-shared-rawzero": (2, 1.0, SHARED + ["--no-stag-memory-norm", ZERO_INIT]),
+    "stag-sep-rawmemory-window": (2, 1.0, SEPARATE + RAW_MEMORY
+                                  + ["--stag-cross-attention-window", "{window}"]),
 }
 DEFAULT_VARIANTS = ["gpt-L", "gpt-L/2", "stag-sep", "stag-shared"]
 HELDOUT_PACKAGES = ("numpy", "sympy")

@@ -151,6 +151,7 @@ EXPECTED_OPTIONS = {
     "stag-shared-rawmemory": ("shared", False, False, None, "last"),
     "stag-sep-rawzero": ("separate", False, True, None, "last"),
     "stag-shared-rawzero": ("shared", False, True, None, "last"),
+    "stag-sep-rawmemory-window": ("separate", False, False, 4, "last"),
 }
 
 
