@@ -2,6 +2,7 @@
 `stag <command>: error: <problem>. Fix: <fix>` line (exit code 2); nothing runs code from a
 checkpoint, loads damaged or partial weights, or overwrites a run."""
 
+import argparse
 import contextlib
 import io
 import pickle
@@ -15,7 +16,7 @@ from stag_plugin import cli
 from stag_plugin.training import integrity
 
 from convert_testing import iteration_folder, megatron_lm_args, save_megatron_lm
-from stag_testing import prepared_cache, small_corpus, tiny_config, tiny_train_flags
+from stag_testing import build_model, prepared_cache, small_corpus, tiny_config, tiny_train_flags
 
 VOCAB = 512
 
@@ -349,3 +350,15 @@ def test_a_bad_preset_is_one_clear_error(capsys, tmp_path, text, words):
     line = error_line(capsys, ["train", "--config", preset, "--save", tmp_path / "run"])
     assert words in line and str(preset) in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_safe_checkpoint_read_leaves_torch_s_registered_safe_types_alone(tmp_path):
+    """Megatron-Core registers argparse.Namespace as safe on import, and Megatron-LM's own
+    loader relies on it after the plugin has read the same checkpoint's common state."""
+    from stag_plugin.convert import source
+
+    model = build_model(tiny_config())
+    save_megatron_lm(model, tmp_path / "run", 1, megatron_lm_args(model.config, True))
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
+    source.read_common(iteration_folder(tmp_path / "run"))
+    assert argparse.Namespace in torch.serialization.get_safe_globals()

@@ -190,3 +190,4 @@ def _parser():
     from stag_plugin.training import train
 
     return train.build_parser()
+

@@ -69,7 +69,7 @@ def checkpoint_reads(trusted: bool = False) -> Iterator[None]:
     filesystem.pickle = _RestrictedPickle()
     default_planner.DefaultLoadPlanner.load_bytes = _load_bytes
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        with allowing(safe_globals()):
             yield
     finally:
         filesystem.pickle, default_planner.DefaultLoadPlanner.load_bytes = saved
@@ -92,6 +92,15 @@ def refusal(err: BaseException, where: str) -> Optional[StagError]:
         if reported:
             return UntrustedCheckpoint(reported.group(1), reported.group(2))
     return None
+
+
+def allowing(types: list):
+    """torch's weights-only loader admits `types` within the context. Types registered as safe
+    before (e.g. by `import megatron.core`) stay registered after it: torch's own
+    `safe_globals` context unregisters every type it was given on exit, so it is given only
+    the types not registered yet."""
+    registered = torch.serialization.get_safe_globals()
+    return torch.serialization.safe_globals([t for t in types if t not in registered])
 
 
 def safe_globals() -> list:
@@ -148,7 +157,7 @@ def _resolves(name: str) -> bool:
 def load_payload(data: bytes, where: str):
     """A torch.save payload, unpickled by the weights-only loader with `safe_globals()`."""
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        with allowing(safe_globals()):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
