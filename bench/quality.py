@@ -413,15 +413,19 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tokens = summary["shape"]["micro_batch_size"] * summary["shape"]["seq_length"]
-    fig, axis = plt.subplots(figsize=(7, 4.5))
-    for v in summary["variants"]:
+    fig, axis = plt.subplots(figsize=(10, 5))
+    colours = plt.get_cmap("tab20").colors
+    for n, v in enumerate(summary["variants"]):  # GPTs dashed and black/grey
+        gpt = v["variant"].startswith("gpt-")
         axis.plot([i * tokens for i, _ in v["curve"]], [loss for _, loss in v["curve"]],
-                  marker="o", markersize=3, label=f"{v['variant']} ({len(v['seeds'])} seeds)")
+                  marker="o", markersize=3, linestyle="--" if gpt else "-",
+                  color=("black", "grey")[n % 2] if gpt else colours[n % len(colours)],
+                  label=f"{v['variant']} ({len(v['seeds'])} seeds)")
     axis.set_xlabel("training tokens")
     axis.set_ylabel("validation loss (nats/token, mean over seeds)")
     axis.set_title("bench/quality.py")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
