@@ -150,10 +150,9 @@ def check_loaded_stag_options(args) -> None:
     stored = source.read_common(folder).get("args")
     if getattr(stored, "stag_num_sections", None) is None:  # not trained as a StagFormer
         return
-    saved = _stag_architecture(with_unrecorded(vars(stored)))
-    diffs = [f"{_flag(dest)} {value!r} (this run: {mine!r})"
-             for dest, value in saved.items()
-             if value != (mine := _stag_architecture(vars(args)).get(dest))]
+    saved, mine = _stag_architecture(vars(stored)), _stag_architecture(vars(args))
+    diffs = [f"{_flag(dest)} {value!r} (this run: {mine[dest]!r})"
+             for dest, value in saved.items() if value != mine[dest]]
     if diffs:
         raise StagError(f"--load {load} holds a StagFormer trained with {'; '.join(diffs)}",
                         "pass the checkpoint's values of these flags")
@@ -178,13 +177,11 @@ def _distributed_checkpoint(load: str):
 
 
 def _stag_architecture(values: dict) -> dict:
-    """The --stag-* values (by dest) that fix what a model computes; the memory options mean
-    nothing for one section."""
-    arch = {_dest(flag): values.get(_dest(flag)) for flag, field, _ in STAG_FLAGS
+    """The --stag-* values (by dest) that fix what a model computes, as a run record's
+    architecture holds them (`with_unrecorded`: unrecorded values filled, none for p = 1)."""
+    filled = with_unrecorded(values, architecture=True)
+    return {_dest(flag): filled.get(_dest(flag)) for flag, field, _ in STAG_FLAGS
             if field not in STAG_RUN_FIELDS}
-    if arch["stag_num_sections"] == 1:
-        arch["stag_memory_norm"] = None
-    return arch
 
 
 def _flag(dest: str) -> str:
